@@ -1,0 +1,211 @@
+"""Stage configs: frozen dataclasses, loadable from YAML, overridable on the command line, validated up front.
+
+Every field has a ``help`` in its metadata; the CLI is generated from the fields (``add_arguments``), so a flag and a
+YAML key always have the same name (``--threshold 0.3`` == ``threshold: 0.3``). ``validate()`` raises ``ConfigError``
+naming the bad field before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from cdul_ray.core.aggregate import AGGREGATORS
+from cdul_ray.core.alignment import DEFAULT_TEMPLATES
+
+
+class ConfigError(ValueError):
+    """A config field is invalid; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"config field `{field_name}`: {message}")
+        self.field = field_name
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# The bundled small CLIP and synthetic benchmark: what --smoke-test and the demo run on.
+SMOKE_MODEL = ("cdul-synth-rn", "synth")
+SMOKE_IMAGES = 8
+# ζ default: picked by the ζ sweep on the synthetic benchmark (docs/benchmark.md); the paper searches [0, 0.4].
+DEFAULT_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Config of the labeling job (global + local alignment, aggregator, initial soft pseudo labels)."""
+
+    dataset: str = _f("", "dataset root or manifest: local path or s3:// URI", required=True)
+    output: str = _f("", "output directory: local path or s3:// URI", required=True)
+    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = _f(None, "dataset split, e.g. train2014, val2017, trainval, train")
+    classes_file: str | None = _f(None, "class vocabulary (one class per line), overrides the dataset's classes")
+    model: str = _f("RN50x64", "open_clip model name, registered cdul-ray config, or local-dir:/path")
+    pretrained: str = _f("openai", "open_clip tag, bundled tag, local weights file, s3:// URI, or none")
+    templates: tuple[str, ...] = _f(DEFAULT_TEMPLATES, "prompt templates with one {} each (averaged per class)")
+    grid: int = _f(3, "snippet grid side K (K*K snippets per image)")
+    aggregator: str = _f("cdul", "global-local aggregator for the soft label: cdul, max, avg")
+    threshold: float = _f(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
+    lam: float = _f(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
+    batch_size: int = _f(16, "images per CLIP batch (each image is 1 + K*K views)")
+    decode_batch_size: int = _f(16, "images per CPU decode/snippet task")
+    min_actors: int = _f(1, "CLIP actor pool: minimum size")
+    max_actors: int | None = _f(None, "CLIP actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
+    use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    cpus_per_actor: float = _f(1.0, "CPUs reserved per CLIP actor")
+    limit: int | None = _f(None, "label only the first N images of the dataset")
+    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
+    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
+    evaluate: bool = _f(True, "compute the pseudo-label mAP table when the dataset has ground truth")
+    smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU")
+
+    def validate(self) -> "LabelConfig":
+        """Check every field; returns self. Raises ConfigError naming the first bad field."""
+        from cdul_ray.datasets import FORMATS
+
+        if not self.dataset:
+            raise ConfigError("dataset", "is required")
+        if not self.output:
+            raise ConfigError("output", "is required")
+        if self.format not in FORMATS:
+            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ConfigError("templates", f"each template needs one '{{}}' placeholder, got {list(self.templates)}")
+        if self.grid < 1:
+            raise ConfigError("grid", f"must be >= 1, got {self.grid}")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError("aggregator", f"{self.aggregator!r} is not one of {AGGREGATORS}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
+        if self.lam < 0:
+            raise ConfigError("lam", f"must be >= 0, got {self.lam}")
+        for name in ("batch_size", "decode_batch_size", "min_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        return self
+
+    def effective(self) -> "LabelConfig":
+        """The config actually run: ``smoke_test`` shrinks the job to a few images, the bundled model and CPU."""
+        if not self.smoke_test:
+            return self
+        return dataclasses.replace(
+            self,
+            model=SMOKE_MODEL[0],
+            pretrained=SMOKE_MODEL[1],
+            limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES),
+            use_gpu="false",
+            max_actors=1,
+            min_actors=1,
+            batch_size=min(self.batch_size, 4),
+            decode_batch_size=min(self.decode_batch_size, 4),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic YAML / CLI plumbing shared by every stage config.
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return _base_type(args[0])
+    return tp
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = _base_type(hints[name])
+    if value is None:
+        return None
+    try:
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str):
+                value = [value]
+            return tuple(str(v) for v in value)
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(name, f"cannot read {value!r} as {getattr(tp, '__name__', tp)}") from e
+    return value
+
+
+def from_mapping(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config from a mapping (YAML), rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown field; valid fields: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def load_yaml(cls: type, path: str) -> Any:
+    from cdul_ray import storage
+
+    data = yaml.safe_load(storage.read_bytes(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of field: value")
+    return from_mapping(cls, data)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per config field (underscores become dashes), all defaulting to 'not given'."""
+    parser.add_argument("--config", help="YAML file of field: value (flags given on the command line win)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is tuple:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """YAML (``--config``) first, then every flag given on the command line."""
+    base = load_yaml(cls, args.config) if getattr(args, "config", None) else cls()
+    overrides = {
+        f.name: _coerce(cls, f.name, getattr(args, f.name))
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,706 @@
+"""Dataset readers: turn a dataset on local disk or S3 into an index of images and an ordered class list.
+
+Every reader returns a :class:`DatasetIndex`: one row per image (``image_id``, ``uri``, ``gt_labels``, see
+:data:`cdul_ray.schema.INDEX_SCHEMA`) in the dataset's own, deterministic order, plus the ordered natural class names
+(``"dining table"``, not ``"diningtable"``) that every per-class vector downstream follows.
+
+Supported layouts (``format=``):
+
+- ``coco``: ``<root>/annotations/instances_<split>.json`` with images in ``<root>/<split>/<file_name>``.
+- ``voc``: PASCAL VOC 2007/2012, ``<root>/{JPEGImages,Annotations,ImageSets/Main/<split>.txt}``.
+- ``nuswide``: NUS-WIDE, ``<root>/{ImageList,TrainTestLabels,Flickr}`` and ``<root>/Concepts81.txt``.
+- ``folder``: every image under a directory or S3 prefix (recursive), no ground truth.
+- ``manifest``: a Parquet or CSV file listing image URIs, optionally with ids and labels.
+
+All I/O goes through :mod:`cdul_ray.storage`, so ``/data/coco`` and ``s3://bucket/coco`` behave the same. Image files
+themselves are never opened or stat'ed here: an image listed by the annotations but missing on storage is recorded by
+the labeling pipeline in its errors table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cdul_ray import storage
+from cdul_ray.schema import INDEX_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "coco", "voc", "nuswide", "folder", "manifest")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+
+# PASCAL VOC's 20 classes in the standard order, as the annotation files spell them -> natural names for CLIP prompts.
+VOC_CLASSES = (
+    ("aeroplane", "aeroplane"),
+    ("bicycle", "bicycle"),
+    ("bird", "bird"),
+    ("boat", "boat"),
+    ("bottle", "bottle"),
+    ("bus", "bus"),
+    ("car", "car"),
+    ("cat", "cat"),
+    ("chair", "chair"),
+    ("cow", "cow"),
+    ("diningtable", "dining table"),
+    ("dog", "dog"),
+    ("horse", "horse"),
+    ("motorbike", "motorbike"),
+    ("person", "person"),
+    ("pottedplant", "potted plant"),
+    ("sheep", "sheep"),
+    ("sofa", "sofa"),
+    ("train", "train"),
+    ("tvmonitor", "tv monitor"),
+)
+VOC_DEFAULT_SPLIT = "trainval"
+
+NUSWIDE_SPLITS = ("train", "test")
+NUSWIDE_DEFAULT_SPLIT = "train"
+
+# CSV manifests: every known column is text (numeric-looking ids must stay strings: "0001" != "1").
+_MANIFEST_CSV_OPTIONS = pacsv.ConvertOptions(
+    column_types={"uri": pa.string(), "image_id": pa.string(), "labels": pa.string()},
+    strings_can_be_null=False,
+)
+
+# Threads for reading many small annotation files (one request each on S3).
+_IO_THREADS = 16
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """The images of a dataset and its ordered class list.
+
+    Attributes:
+        records: Table with :data:`cdul_ray.schema.INDEX_SCHEMA`: ``image_id`` (string), ``uri`` (absolute local path or
+            ``s3://`` URI), ``gt_labels`` (indices into ``classes``; null when the dataset has no ground truth, an
+            empty list when it has ground truth and no class is present). Rows keep the dataset's own order.
+        classes: Ordered natural class names; the column order of every per-class vector downstream.
+        has_ground_truth: Whether ``gt_labels`` is set (non-null) on every row.
+        format: The reader that produced the index, one of ``coco``, ``voc``, ``nuswide``, ``folder``, ``manifest``.
+        root: The dataset root (a directory or S3 prefix), or for ``manifest`` the manifest file itself.
+    """
+
+    records: pa.Table
+    classes: tuple[str, ...]
+    has_ground_truth: bool
+    format: str
+    root: str
+
+    def __len__(self) -> int:
+        return self.records.num_rows
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class _Raw:
+    """What a reader found, before the vocabulary override, ``limit`` and conversion to Arrow."""
+
+    image_ids: list[str]
+    uris: list[str]
+    gt: list[list[int]] | None  # indices into `classes`, or None for no ground truth
+    classes: tuple[str, ...]
+    root: str
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    uri: str,
+    format: str = "auto",
+    split: str | None = None,
+    classes_file: str | None = None,
+    endpoint_override: str | None = None,
+    limit: int | None = None,
+    *,
+    voc_include_difficult: bool = True,
+) -> DatasetIndex:
+    """Index a dataset on local disk or S3.
+
+    Args:
+        uri: Dataset root (directory or ``s3://bucket/prefix``), or a ``.parquet``/``.csv`` manifest file.
+        format: One of :data:`FORMATS`. ``auto`` detects the layout: ``annotations/instances_*.json`` -> ``coco``;
+            ``JPEGImages`` + ``Annotations`` (or a ``VOCdevkit`` holding exactly one ``VOC20xx``) -> ``voc``;
+            ``ImageList`` + ``Concepts81.txt`` -> ``nuswide``; a URI ending in ``.parquet``/``.csv`` -> ``manifest``;
+            anything else -> ``folder``.
+        split: Which part of the dataset. ``coco``: the ``<split>`` of ``instances_<split>.json`` (``train2014``,
+            ``val2017``, ``train``...), required when several annotation files exist. ``voc``: an
+            ``ImageSets/Main/<split>.txt`` list (default ``trainval``). ``nuswide``: ``train`` (default) or ``test``.
+            Ignored (with a warning) by ``folder`` and ``manifest``.
+        classes_file: Text file of class names, one per line (see :func:`read_class_vocabulary`). Required for
+            ``folder`` (and for a ``manifest`` without labels). For datasets with their own classes it overrides
+            them: ground truth is remapped by name (case-insensitive); ground-truth classes missing from the
+            vocabulary are dropped (logged once with a count) and vocabulary classes absent from the dataset
+            simply have no positives.
+        endpoint_override: S3 endpoint such as ``http://127.0.0.1:9000``; defaults to ``AWS_ENDPOINT_URL``.
+        limit: Keep only the first ``limit`` images (deterministic; used by ``--smoke-test``).
+        voc_include_difficult: VOC objects flagged ``<difficult>1</difficult>`` still count as present (the
+            object *is* in the image; CDUL scores presence, not detection). ``False`` ignores them.
+
+    Returns:
+        The dataset index.
+
+    Raises:
+        FileNotFoundError: The root, an annotation/list file, or ``classes_file`` does not exist.
+        ValueError: Unknown ``format``, ambiguous or unknown ``split``, missing ``classes_file`` where one is required,
+            malformed annotation files (the message names the file), duplicate image ids, or ``limit`` < 1.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unknown dataset format={format!r}; valid `format` values: {', '.join(FORMATS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"`limit` must be a positive number of images or None, got {limit!r}")
+    vocabulary = read_class_vocabulary(classes_file, endpoint_override) if classes_file else None
+
+    fmt = detect_format(uri, endpoint_override) if format == "auto" else format
+    if format == "auto":
+        logger.info("Detected dataset format %r for %s", fmt, uri)
+    if split is not None and fmt in ("folder", "manifest"):
+        logger.warning("`split`=%r is ignored by the %s reader", split, fmt)
+
+    if fmt == "coco":
+        raw = _read_coco(uri, split, endpoint_override)
+    elif fmt == "voc":
+        raw = _read_voc(uri, split, endpoint_override, limit, voc_include_difficult)
+    elif fmt == "nuswide":
+        raw = _read_nuswide(uri, split, endpoint_override)
+    elif fmt == "folder":
+        raw = _read_folder(uri, endpoint_override, vocabulary)
+    else:
+        raw = _read_manifest(uri, endpoint_override, vocabulary)
+
+    if limit is not None and len(raw.image_ids) > limit:
+        raw.image_ids, raw.uris = raw.image_ids[:limit], raw.uris[:limit]
+        if raw.gt is not None:
+            raw.gt = raw.gt[:limit]
+    if vocabulary is not None and raw.classes != vocabulary:
+        raw.gt = _remap(raw.gt, raw.classes, vocabulary, source=raw.root) if raw.gt is not None else None
+        raw.classes = vocabulary
+    _check_unique(raw.image_ids, raw.root)
+    records = _to_table(raw)
+    logger.info(
+        "Indexed %d images, %d classes (%s, ground truth: %s) from %s",
+        records.num_rows,
+        len(raw.classes),
+        fmt,
+        raw.gt is not None,
+        raw.root,
+    )
+    return DatasetIndex(
+        records=records, classes=raw.classes, has_ground_truth=raw.gt is not None, format=fmt, root=raw.root
+    )
+
+
+def read_class_vocabulary(uri: str, endpoint_override: str | None = None) -> tuple[str, ...]:
+    """Read a class vocabulary: a UTF-8 text file with one natural class name per line.
+
+    Blank lines and lines starting with ``#`` are ignored; surrounding whitespace is stripped.
+
+    Args:
+        uri: Local path or ``s3://`` URI of the file.
+        endpoint_override: S3 endpoint; defaults to ``AWS_ENDPOINT_URL``.
+
+    Returns:
+        The class names in file order.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file lists no class, or lists a class twice (compared case-insensitively).
+    """
+    lines = _read_text(uri, endpoint_override).splitlines()
+    classes = [line.strip() for line in lines]
+    classes = [c for c in classes if c and not c.startswith("#")]
+    if not classes:
+        raise ValueError(f"The class vocabulary {uri} (`classes_file`) lists no class")
+    dupes = sorted(name for name, n in Counter(_name_key(c) for c in classes).items() if n > 1)
+    if dupes:
+        raise ValueError(f"The class vocabulary {uri} (`classes_file`) lists these classes more than once: {dupes}")
+    return tuple(classes)
+
+
+def detect_format(uri: str, endpoint_override: str | None = None) -> str:
+    """Guess a dataset's format from its layout (the ``format="auto"`` rule of :func:`load_dataset`).
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist.
+    """
+    if uri.lower().rstrip("/").endswith(MANIFEST_SUFFIXES):
+        return "manifest"
+    root = _canonical(uri)
+    children = _list_children(root, endpoint_override)
+    dirs = {name for name, kind in children.items() if kind == pafs.FileType.Directory}
+    files = {name for name, kind in children.items() if kind == pafs.FileType.File}
+    if "annotations" in dirs and _coco_annotation_files(storage.join(root, "annotations"), endpoint_override):
+        return "coco"
+    if {"JPEGImages", "Annotations"} <= dirs or any(re.fullmatch(r"VOC\d{4}", d) for d in dirs):
+        return "voc"
+    if "ImageList" in dirs and "Concepts81.txt" in files:
+        return "nuswide"
+    return "folder"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# COCO
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_coco(uri: str, split: str | None, endpoint_override: str | None) -> _Raw:
+    """Read a COCO instances file.
+
+    Expects ``<root>/annotations/instances_<split>.json`` (official COCO 2014/2017 layout, also the project's
+    synthetic set) with images under ``<root>/<split>/<file_name>``. Classes are the ``categories`` sorted by id with
+    their names as given; ``image_id`` is the decimal string of COCO's integer id. Every annotation (crowd included)
+    marks its category present; an image without annotations has ``gt_labels == []``. An instances file without an
+    ``annotations`` key (test-style image lists) yields no ground truth.
+    """
+    root = _canonical(uri)
+    _require_exists(root, endpoint_override)
+    ann_dir = storage.join(root, "annotations")
+    available = _coco_annotation_files(ann_dir, endpoint_override)
+    if split is None:
+        if not available:
+            raise FileNotFoundError(f"No COCO annotation file {storage.join(ann_dir, 'instances_<split>.json')}")
+        if len(available) > 1:
+            raise ValueError(
+                f"{ann_dir} holds several COCO annotation files ({', '.join(sorted(available))}): "
+                f"set the `split` field to one of {sorted(available)}"
+            )
+        split = next(iter(available))
+    ann_uri = storage.join(ann_dir, f"instances_{split}.json")
+    if split not in available:
+        raise FileNotFoundError(
+            f"COCO annotation file {ann_uri} not found (`split`={split!r}; available splits: {sorted(available)})"
+        )
+
+    data = _parse_json(ann_uri, endpoint_override)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{ann_uri} is not a COCO instances file: no 'images' list")
+    if not isinstance(data.get("categories"), list):
+        raise ValueError(f"{ann_uri} is not a COCO instances file: no 'categories' list")
+    try:
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        cat_index = {c["id"]: i for i, c in enumerate(categories)}
+        classes = tuple(str(c["name"]).strip() for c in categories)
+        image_dir = storage.join(root, split)
+        image_ids = [str(img["id"]) for img in data["images"]]
+        uris = [_join_rel(image_dir, img["file_name"]) for img in data["images"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{ann_uri}: malformed COCO image or category entry ({e!r})") from e
+
+    gt: list[list[int]] | None = None
+    if "annotations" in data:
+        present: dict[str, set[int]] = {i: set() for i in image_ids}
+        orphans = 0
+        for ann in data["annotations"]:
+            try:
+                img_id, cat_id = str(ann["image_id"]), ann["category_id"]
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{ann_uri}: malformed COCO annotation ({e!r})") from e
+            if cat_id not in cat_index:
+                raise ValueError(f"{ann_uri}: annotation {ann.get('id')} has unknown category_id {cat_id!r}")
+            if img_id in present:
+                present[img_id].add(cat_index[cat_id])
+            else:
+                orphans += 1
+        if orphans:
+            logger.warning("%s: ignored %d annotations of image ids not in 'images'", ann_uri, orphans)
+        gt = [sorted(present[i]) for i in image_ids]
+    else:
+        logger.warning("%s has no 'annotations': indexing without ground truth", ann_uri)
+    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=root)
+
+
+def _coco_annotation_files(ann_dir: str, endpoint_override: str | None) -> dict[str, str]:
+    """``{split: uri}`` of the ``instances_<split>.json`` files directly in ``ann_dir`` (empty if it is missing)."""
+    found = {}
+    for name, kind in _list_children(ann_dir, endpoint_override, missing_ok=True).items():
+        m = re.fullmatch(r"instances_(.+)\.json", name)
+        if m and kind == pafs.FileType.File:
+            found[m.group(1)] = storage.join(ann_dir, name)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PASCAL VOC
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_voc(
+    uri: str, split: str | None, endpoint_override: str | None, limit: int | None, include_difficult: bool
+) -> _Raw:
+    """Read a PASCAL VOC 2007/2012 split.
+
+    Expects ``<root>/ImageSets/Main/<split>.txt`` (one image id per line), ``<root>/Annotations/<id>.xml`` and
+    ``<root>/JPEGImages/<id>.jpg``. ``uri`` may also point at a ``VOCdevkit`` directory that holds exactly one
+    ``VOC20xx`` directory. Classes are the 20 VOC classes in the standard order with natural names
+    (``diningtable`` -> ``dining table``, ``pottedplant`` -> ``potted plant``, ``tvmonitor`` -> ``tv monitor``).
+    Only the ``limit`` first images' annotations are read.
+    """
+    root = _resolve_voc_root(_canonical(uri), endpoint_override)
+    split = split or VOC_DEFAULT_SPLIT
+    list_uri = storage.join(root, "ImageSets", "Main", f"{split}.txt")
+    if not storage.exists(list_uri, endpoint_override):
+        main = storage.join(root, "ImageSets", "Main")
+        choices = sorted(
+            n[: -len(".txt")]
+            for n in _list_children(main, endpoint_override, missing_ok=True)
+            if n.endswith(".txt") and "_" not in n
+        )
+        raise FileNotFoundError(f"VOC image list {list_uri} not found (`split`={split!r}; available: {choices})")
+    image_ids = [line.split()[0] for line in _read_text(list_uri, endpoint_override).splitlines() if line.strip()]
+    if limit is not None:
+        image_ids = image_ids[:limit]
+
+    class_index = {raw: i for i, (raw, _) in enumerate(VOC_CLASSES)}
+    ann_dir = storage.join(root, "Annotations")
+
+    def parse(image_id: str) -> list[int]:
+        xml_uri = storage.join(ann_dir, f"{image_id}.xml")
+        try:
+            tree = ET.fromstring(storage.read_bytes(xml_uri, endpoint_override))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"VOC annotation {xml_uri} (listed in {list_uri}) not found") from e
+        except ET.ParseError as e:
+            raise ValueError(f"VOC annotation {xml_uri} is not valid XML: {e}") from e
+        present = set()
+        for obj in tree.iter("object"):
+            name = (obj.findtext("name") or "").strip().lower()
+            if name not in class_index:
+                raise ValueError(
+                    f"VOC annotation {xml_uri}: object class {name!r} is not one of the 20 VOC classes "
+                    f"{[raw for raw, _ in VOC_CLASSES]}"
+                )
+            if not include_difficult and (obj.findtext("difficult") or "0").strip() == "1":
+                continue
+            present.add(class_index[name])
+        return sorted(present)
+
+    gt = _parallel_map(parse, image_ids, storage.is_s3(root))
+    uris = [storage.join(root, "JPEGImages", f"{i}.jpg") for i in image_ids]
+    classes = tuple(natural for _, natural in VOC_CLASSES)
+    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=root)
+
+
+def _resolve_voc_root(root: str, endpoint_override: str | None) -> str:
+    """``root`` itself, or its single ``VOC20xx`` child when ``root`` is a ``VOCdevkit`` directory."""
+    children = _list_children(root, endpoint_override)
+    if "JPEGImages" in children or "Annotations" in children:
+        return root
+    dirs = [name for name, kind in children.items() if kind == pafs.FileType.Directory]
+    years = sorted(d for d in dirs if re.fullmatch(r"VOC\d{4}", d))
+    if len(years) == 1:
+        return storage.join(root, years[0])
+    if len(years) > 1:
+        raise ValueError(
+            f"{root} holds several VOC datasets ({', '.join(years)}); point the dataset `uri` at one of them"
+        )
+    raise FileNotFoundError(f"{root} is not a VOC dataset: no JPEGImages/Annotations directories")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NUS-WIDE
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_nuswide(uri: str, split: str | None, endpoint_override: str | None) -> _Raw:
+    """Read a NUS-WIDE split in the layout of the official distribution.
+
+    Expects:
+
+    - ``<root>/ImageList/TrainImagelist.txt`` or ``TestImagelist.txt``: one image per line, a path relative to
+      ``<root>/Flickr`` with Windows separators (``actor\\0001_2124494179.jpg``); a leading drive and ``ImageData``
+      directory (``C:\\ImageData\\...``, as in ``Imagelist.txt``) are stripped.
+    - ``<root>/Concepts81.txt``: the 81 concept names, one per line, in class order.
+    - ``<root>/TrainTestLabels/Labels_<concept>_<Train|Test>.txt``: one ``0``/``1`` per line, aligned with the image
+      list.
+    - Images under ``<root>/Flickr/<relative path>``.
+
+    ``image_id`` is the relative path with ``/`` separators (``actor/0001_2124494179.jpg``), unique across the
+    dataset. Images listed but missing from ``Flickr`` (many URLs of the original crawl are dead) are not checked
+    here.
+    """
+    root = _canonical(uri)
+    _require_exists(root, endpoint_override)
+    split = (split or NUSWIDE_DEFAULT_SPLIT).lower()
+    if split not in NUSWIDE_SPLITS:
+        raise ValueError(f"NUS-WIDE `split` must be one of {NUSWIDE_SPLITS}, got {split!r}")
+    tag = split.capitalize()
+
+    concepts_uri = storage.join(root, "Concepts81.txt")
+    classes = tuple(c.strip() for c in _read_text(concepts_uri, endpoint_override).splitlines() if c.strip())
+    if not classes:
+        raise ValueError(f"NUS-WIDE concept list {concepts_uri} is empty")
+
+    list_uri = storage.join(root, "ImageList", f"{tag}Imagelist.txt")
+    rel_paths = [_nuswide_rel(line) for line in _read_text(list_uri, endpoint_override).splitlines() if line.strip()]
+    image_dir = storage.join(root, "Flickr")
+    uris = [_join_rel(image_dir, p) for p in rel_paths]
+
+    def read_labels(concept: str) -> list[bool]:
+        label_uri = storage.join(root, "TrainTestLabels", f"Labels_{concept}_{tag}.txt")
+        values = [v.strip() for v in _read_text(label_uri, endpoint_override).splitlines() if v.strip()]
+        if len(values) != len(rel_paths):
+            raise ValueError(f"NUS-WIDE label file {label_uri} has {len(values)} lines, {list_uri} {len(rel_paths)}")
+        bad = next((v for v in values if v not in ("0", "1")), None)
+        if bad is not None:
+            raise ValueError(f"NUS-WIDE label file {label_uri}: expected 0 or 1 per line, found {bad!r}")
+        return [v == "1" for v in values]
+
+    columns = _parallel_map(read_labels, classes, storage.is_s3(root))
+    gt = [[c for c, col in enumerate(columns) if col[n]] for n in range(len(rel_paths))]
+    return _Raw(image_ids=rel_paths, uris=uris, gt=gt, classes=classes, root=root)
+
+
+def _nuswide_rel(line: str) -> str:
+    """``C:\\ImageData\\actor\\0001_2.jpg`` or ``actor\\0001_2.jpg`` -> ``actor/0001_2.jpg``."""
+    path = line.strip().replace("\\", "/")
+    path = re.sub(r"^[A-Za-z]:/", "", path).lstrip("/")
+    if path.startswith("ImageData/"):
+        path = path[len("ImageData/") :]
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folder and manifest (no fixed class list)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> _Raw:
+    """Every image (``.jpg .jpeg .png .bmp .webp``, any case) under a directory or S3 prefix, recursively, sorted by
+    path. ``image_id`` is the path relative to the root with ``/`` separators. No ground truth; the classes are the
+    ``classes_file`` vocabulary (required)."""
+    root = _canonical(uri)
+    _require_exists(root, endpoint_override)
+    if vocabulary is None:
+        raise ValueError(
+            f"The folder dataset {root} has no class list: pass `classes_file` (a text file, one class per line)"
+        )
+    uris = storage.list_files(root, IMAGE_SUFFIXES, endpoint_override)
+    if not uris:
+        raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    image_ids = [_relative(u, root) for u in uris]
+    return _Raw(image_ids=image_ids, uris=uris, gt=None, classes=vocabulary, root=root)
+
+
+def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> _Raw:
+    """Read a Parquet or CSV manifest.
+
+    Columns: ``uri`` (required; absolute local path, ``s3://`` URI, or a path relative to the manifest's directory),
+    ``image_id`` (optional, defaults to ``uri`` as written), ``labels`` (optional class names: ``list<string>`` in
+    Parquet, or a ``;``-separated string in CSV or Parquet; an empty or null value means no class present).
+    Classes are ``classes_file`` if given, else the sorted union of all labels.
+    """
+    manifest = _canonical(uri)
+    _require_exists(manifest, endpoint_override)
+    fs, path = storage.filesystem(manifest, endpoint_override)
+    try:
+        if manifest.lower().endswith(".parquet"):
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+        elif manifest.lower().endswith(".csv"):
+            with fs.open_input_stream(path) as f:
+                table = pacsv.read_csv(f, convert_options=_MANIFEST_CSV_OPTIONS)
+        else:
+            raise ValueError(f"Manifest {manifest} must end in .parquet or .csv")
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"Cannot read manifest {manifest}: {e}") from e
+    if "uri" not in table.column_names:
+        raise ValueError(f"Manifest {manifest} has no `uri` column (columns: {table.column_names})")
+
+    written = _string_column(table, "uri", manifest)
+    base = posixpath.dirname(manifest) if storage.is_s3(manifest) else os.path.dirname(manifest)
+    uris = [_resolve_manifest_uri(base, u) for u in written]
+    image_ids = _string_column(table, "image_id", manifest) if "image_id" in table.column_names else list(written)
+
+    gt: list[list[int]] | None = None
+    classes = vocabulary
+    if "labels" in table.column_names:
+        names = _manifest_labels(table.column("labels"), manifest)
+        if classes is None:
+            classes = tuple(sorted({n for row in names for n in row}))
+            if not classes:
+                raise ValueError(f"Manifest {manifest} has an empty `labels` column: pass `classes_file`")
+            gt = [sorted({classes.index(n) for n in row}) for row in names]
+        else:
+            # Remap by name now; `load_dataset` sees classes == vocabulary and does not remap again.
+            union = tuple(sorted({n for row in names for n in row}))
+            union_index = {n: i for i, n in enumerate(union)}
+            gt = _remap([[union_index[n] for n in row] for row in names], union, classes, source=manifest)
+    elif classes is None:
+        raise ValueError(f"Manifest {manifest} has no `labels` column, so no class list: pass `classes_file`")
+    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=manifest)
+
+
+def _string_column(table: pa.Table, name: str, manifest: str) -> list[str]:
+    col = table.column(name)
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        col = col.cast(pa.string())
+    values = col.to_pylist()
+    if any(v is None or v == "" for v in values):
+        raise ValueError(f"Manifest {manifest}: column `{name}` has empty or null values")
+    return values
+
+
+def _manifest_labels(col: pa.ChunkedArray, manifest: str) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for value in col.to_pylist():
+        if value is None:
+            rows.append([])
+        elif isinstance(value, str):
+            rows.append([n.strip() for n in value.split(";") if n.strip()])
+        elif isinstance(value, list):
+            rows.append([str(n).strip() for n in value if n is not None and str(n).strip()])
+        else:
+            raise ValueError(
+                f"Manifest {manifest}: column `labels` must be list<string> or a ';'-separated string, got {col.type}"
+            )
+    return rows
+
+
+def _resolve_manifest_uri(base: str, value: str) -> str:
+    if storage.is_s3(value):
+        return value
+    if value.startswith("file://"):
+        return os.path.abspath(value[len("file://") :])
+    if storage.is_s3(base):
+        return "s3://" + posixpath.normpath(posixpath.join(base[len("s3://") :], value))
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _name_key(name: str) -> str:
+    """Class names match case-insensitively and with runs of whitespace collapsed."""
+    return " ".join(name.split()).casefold()
+
+
+def _remap(
+    gt: list[list[int]], source_classes: Sequence[str], vocabulary: Sequence[str], source: str
+) -> list[list[int]]:
+    """Map ground-truth indices from ``source_classes`` to ``vocabulary`` by class name."""
+    vocab_index = {_name_key(c): i for i, c in enumerate(vocabulary)}
+    mapping = [vocab_index.get(_name_key(c)) for c in source_classes]
+    dropped: Counter[str] = Counter()
+    out = []
+    for row in gt:
+        mapped = set()
+        for c in row:
+            if mapping[c] is None:
+                dropped[source_classes[c]] += 1
+            else:
+                mapped.add(mapping[c])
+        out.append(sorted(mapped))
+    if dropped:
+        logger.warning(
+            "%s: %d ground-truth labels of %d classes not in the vocabulary (`classes_file`) were dropped: %s",
+            source,
+            sum(dropped.values()),
+            len(dropped),
+            dict(sorted(dropped.items())),
+        )
+    return out
+
+
+def _check_unique(image_ids: list[str], root: str) -> None:
+    if len(set(image_ids)) != len(image_ids):
+        dupes = [i for i, n in Counter(image_ids).items() if n > 1]
+        raise ValueError(f"{root}: {len(dupes)} duplicate `image_id` values, e.g. {dupes[:5]}")
+
+
+def _to_table(raw: _Raw) -> pa.Table:
+    gt = raw.gt if raw.gt is not None else [None] * len(raw.image_ids)
+    return pa.Table.from_arrays(
+        [
+            pa.array(raw.image_ids, pa.string()),
+            pa.array(raw.uris, pa.string()),
+            pa.array(gt, pa.list_(pa.int32())),
+        ],
+        schema=INDEX_SCHEMA,
+    )
+
+
+def _canonical(uri: str) -> str:
+    """Absolute local path, or ``s3://bucket/key`` without a trailing slash."""
+    if storage.is_s3(uri):
+        return uri.rstrip("/")
+    return storage.filesystem(uri)[1]
+
+
+def _require_exists(uri: str, endpoint_override: str | None) -> None:
+    if not storage.exists(uri, endpoint_override):
+        raise FileNotFoundError(f"Dataset path {uri} does not exist")
+
+
+def _list_children(uri: str, endpoint_override: str | None, missing_ok: bool = False) -> dict[str, pafs.FileType]:
+    """``{name: type}`` of the direct children of a directory or S3 prefix."""
+    fs, path = storage.filesystem(uri, endpoint_override)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=missing_ok))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"Dataset path {uri} does not exist") from e
+    except NotADirectoryError as e:  # a plain file: no children
+        raise FileNotFoundError(f"Dataset path {uri} is not a directory") from e
+    return {info.base_name: info.type for info in infos}
+
+
+def _read_text(uri: str, endpoint_override: str | None) -> str:
+    try:
+        data = storage.read_bytes(uri, endpoint_override)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri} not found") from e
+    return data.decode("utf-8-sig")
+
+
+def _parse_json(uri: str, endpoint_override: str | None) -> Any:
+    data = _read_text(uri, endpoint_override)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri} is not valid JSON: {e}") from e
+
+
+def _join_rel(base: str, rel: str) -> str:
+    """Join a ``/``-separated relative path onto a local directory or S3 prefix."""
+    parts = [p for p in str(rel).replace("\\", "/").split("/") if p]
+    return storage.join(base, *parts)
+
+
+def _relative(uri: str, root: str) -> str:
+    rel = uri[len(root) :].lstrip("/\\")
+    return rel.replace(os.sep, "/")
+
+
+def _parallel_map(fn: Callable[[Any], _T], items: Iterable[Any], remote: bool) -> list[_T]:
+    """``[fn(x) for x in items]`` in order, threaded on S3 where each call is a network round trip."""
+    items = list(items)
+    if not remote or len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+        return list(pool.map(fn, items))

@@ -1,0 +1,105 @@
+"""The labeling job end to end on a local Ray cluster with a tiny open_clip model (Ray Data + Parquet)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cdul_ray import schema
+from cdul_ray.config import LabelConfig
+from cdul_ray.core.aggregate import aggregate, initial_soft_label
+from cdul_ray.evaluate import read_label_scores, soft_labels
+from cdul_ray.pipeline import run_labeling
+from tests.helpers import CLASSES
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(dataset, output, clip, **kw) -> LabelConfig:
+    base = dict(dataset=str(dataset), output=str(output), split="train", model=f"local-dir:{clip}",
+                pretrained="none", batch_size=4, decode_batch_size=4, threshold=0.3)
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def _vectors(table, column):
+    return np.asarray(table[column].to_pylist(), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def labeled(ray_cluster, coco_dataset, tiny_clip, tmp_path_factory):
+    root, info = coco_dataset
+    out = tmp_path_factory.mktemp("labels_1actor")
+    summary = run_labeling(_cfg(root, out, tiny_clip, max_actors=1))
+    return out, info, summary
+
+
+def test_one_row_per_readable_image_with_the_fixed_schema(labeled):
+    out, info, summary = labeled
+    table = pq.read_table(out / schema.LABELS_DIR)
+    assert table.schema.equals(schema.labels_schema(len(CLASSES)), check_metadata=False)
+    assert sorted(table["image_id"].to_pylist(), key=int) == info["ok"]
+    assert summary.images == len(info["ok"]) + 2 and summary.labeled == len(info["ok"]) and summary.errors == 2
+    assert (table["width"].to_numpy() >= 40).all() and (table["height"].to_numpy() >= 40).all()
+    assert json.loads((out / schema.CLASSES_FILE).read_text())["classes"] == CLASSES
+    assert json.loads((out / schema.RUN_CONFIG_FILE).read_text())["grid"] == 3
+
+
+def test_scores_are_probabilities_and_consistent(labeled):
+    out, _, _ = labeled
+    table = pq.read_table(out / schema.LABELS_DIR)
+    g = _vectors(table, schema.GLOBAL_SCORE)
+    a, b, m, y = (_vectors(table, c) for c in (schema.LOCAL_MAX, schema.LOCAL_MIN, schema.LOCAL_MEAN, schema.SOFT_LABEL))
+    for arr in (g, a, b, m, y):
+        assert arr.shape == (table.num_rows, len(CLASSES))
+        assert np.isfinite(arr).all() and (arr >= 0).all() and (arr <= 1).all()
+    np.testing.assert_allclose(g.sum(1), 1.0, atol=1e-5)  # global softmax over classes
+    assert (b <= m + 1e-6).all() and (m <= a + 1e-6).all()  # min <= mean <= max over snippets
+    expected = initial_soft_label(torch.from_numpy(g), aggregate(*map(torch.from_numpy, (a, b, m)), "cdul", 0.3))
+    np.testing.assert_allclose(y, expected.numpy(), atol=1e-6)
+
+
+def test_errors_table_names_the_corrupt_and_missing_files(labeled):
+    out, info, _ = labeled
+    errors = pq.read_table(out / schema.ERRORS_DIR)
+    assert errors.schema.equals(schema.ERRORS_SCHEMA, check_metadata=False)
+    rows = {r["image_id"]: r for r in errors.to_pylist()}
+    assert set(rows) == {info["corrupt"], info["missing"]}
+    assert rows[info["corrupt"]]["uri"].endswith("corrupt.jpg") and rows[info["corrupt"]]["stage"] == "decode"
+    assert rows[info["missing"]]["uri"].endswith("missing.jpg") and rows[info["missing"]]["stage"] == "read"
+    assert rows[info["missing"]]["reason"]
+
+
+def test_evaluation_written_and_reproducible_from_parquet(labeled):
+    out, _, summary = labeled
+    ev = json.loads((out / schema.EVALUATION_JSON).read_text())
+    assert set(ev["map"]) == {"global", "avg", "max", "cdul"}
+    assert ev == summary.evaluation
+    scores = read_label_scores(str(out))
+    table = pq.read_table(out / schema.LABELS_DIR).sort_by("image_id")
+    np.testing.assert_allclose(soft_labels(scores, "cdul", 0.3), _vectors(table, schema.SOFT_LABEL), atol=1e-6)
+    assert ev["zeta_sweep"]["0"] == pytest.approx(ev["map"]["max"])
+
+
+def test_one_and_two_actors_give_identical_labels(labeled, coco_dataset, tiny_clip, tmp_path):
+    out1, _, _ = labeled
+    root, _ = coco_dataset
+    run_labeling(_cfg(root, tmp_path, tiny_clip, min_actors=2, max_actors=2, cpus_per_actor=0.5, batch_size=3))
+    t1 = pq.read_table(out1 / schema.LABELS_DIR).sort_by("image_id")
+    t2 = pq.read_table(tmp_path / schema.LABELS_DIR).sort_by("image_id")
+    assert t1["image_id"].to_pylist() == t2["image_id"].to_pylist()
+    for col in schema.SCORE_COLUMNS:
+        np.testing.assert_allclose(_vectors(t1, col), _vectors(t2, col), atol=1e-5, rtol=1e-5)
+
+
+def test_existing_output_is_refused_without_overwrite(labeled, coco_dataset, tiny_clip):
+    from cdul_ray.pipeline import OutputExistsError
+
+    out, _, _ = labeled
+    root, _ = coco_dataset
+    with pytest.raises(OutputExistsError, match="`output`"):
+        run_labeling(_cfg(root, out, tiny_clip))
