@@ -103,3 +103,16 @@ def test_existing_output_is_refused_without_overwrite(labeled, coco_dataset, tin
     root, _ = coco_dataset
     with pytest.raises(OutputExistsError, match="`output`"):
         run_labeling(_cfg(root, out, tiny_clip))
+
+
+def test_cdul_evaluate_re_evaluates_from_parquet_alone(labeled, capsys):
+    from cdul_ray.cli import main
+
+    out, _, summary = labeled
+    assert main(["evaluate", "--output", str(out), "--threshold", "0", "--no-write"]) == 0
+    printed = capsys.readouterr().out
+    m = summary.evaluation["map"]
+    # with ζ = 0 cdul equals max; global/avg/max do not depend on ζ
+    row = f"| {m['global']:.1f} | {m['avg']:.1f} | {m['max']:.1f} | {m['max']:.1f} |"
+    assert row in printed
+    assert json.loads((out / schema.EVALUATION_JSON).read_text())["threshold"] == 0.3  # --no-write kept the file

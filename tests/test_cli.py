@@ -1,0 +1,89 @@
+"""The `cdul` command fails fast on bad input (before any cluster work) and reads YAML + flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cdul_ray import config as config_mod
+from cdul_ray.cli import build_parser
+from cdul_ray.config import ConfigError, LabelConfig
+
+
+def _cdul(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "cdul_ray.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bad_config_field_fails_before_ray(coco_dataset, tmp_path):
+    root, _ = coco_dataset
+    proc = _cdul("label", "--dataset", str(root), "--output", str(tmp_path / "o"), "--aggregator", "median")
+    assert proc.returncode == 2
+    assert "`aggregator`" in proc.stderr and "median" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights_name_the_model_and_what_was_tried(coco_dataset, tmp_path):
+    root, _ = coco_dataset
+    proc = _cdul("label", "--dataset", str(root), "--split", "train", "--output", str(tmp_path / "o"),
+                 "--model", "RN50", "--pretrained", str(tmp_path / "nope.safetensors"))
+    assert proc.returncode == 2
+    assert "'RN50'" in proc.stderr and "nope.safetensors" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_hub_tag_offline_fails_fast(coco_dataset, tmp_path):
+    root, _ = coco_dataset
+    proc = _cdul("label", "--dataset", str(root), "--split", "train", "--output", str(tmp_path / "o"),
+                 "--model", "RN50", "--pretrained", "openai", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "'RN50'" in proc.stderr and "'openai'" in proc.stderr and "download failed" in proc.stderr
+
+
+def test_unknown_model_lists_valid_names(coco_dataset, tmp_path):
+    from cdul_ray.clip import UnknownModelError, resolve_weights
+
+    with pytest.raises(UnknownModelError, match="RN50x64.*cdul-synth-rn|cdul-synth-rn.*RN50x64"):
+        resolve_weights("RN5O", "openai")
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: /data/coco\noutput: /out\nthreshold: 0.25\ngrid: 4\ntemplates: ['a {}.', 'the {}.']\n")
+    args = build_parser().parse_args(["label", "--config", str(path), "--grid", "2", "--overwrite"])
+    cfg = config_mod.from_args(LabelConfig, args).validate()
+    assert (cfg.dataset, cfg.threshold, cfg.grid, cfg.overwrite) == ("/data/coco", 0.25, 2, True)
+    assert cfg.templates == ("a {}.", "the {}.")
+
+
+def test_yaml_unknown_or_bad_field_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: /d\noutput: /o\nthreshhold: 0.2\n")
+    with pytest.raises(ConfigError, match="`threshhold`"):
+        config_mod.load_yaml(LabelConfig, str(path))
+    path.write_text("dataset: /d\noutput: /o\ngrid: three\n")
+    with pytest.raises(ConfigError, match="`grid`"):
+        config_mod.load_yaml(LabelConfig, str(path))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("threshold", 1.5), ("grid", 0), ("format", "imagenet"), ("templates", ("no slot",)), ("max_actors", 0),
+     ("use_gpu", "maybe"), ("lam", -1.0), ("dataset", "")],
+)
+def test_validate_names_the_field(field, value):
+    cfg = LabelConfig(dataset="/d", output="/o")
+    with pytest.raises(ConfigError) as err:
+        LabelConfig(**{**cfg.to_dict(), field: value}).validate()
+    assert err.value.field == field
+
+
+def test_smoke_test_shrinks_the_job():
+    cfg = LabelConfig(dataset="/d", output="/o", smoke_test=True, batch_size=64).effective()
+    assert (cfg.model, cfg.pretrained, cfg.limit, cfg.use_gpu, cfg.max_actors) == ("cdul-synth-rn", "synth", 8, "false", 1)
+    assert cfg.batch_size == 4
