@@ -63,12 +63,15 @@ class LabelConfig:
     max_actors: int | None = _f(None, "CLIP actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
     use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per CLIP actor")
+    precision: str = _f("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
     limit: int | None = _f(None, "label only the first N images of the dataset")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
     cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
     overwrite: bool = _f(False, "replace an existing output directory instead of failing")
     evaluate: bool = _f(True, "compute the pseudo-label mAP table when the dataset has ground truth")
-    smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU")
+    smoke_test: bool = _f(
+        False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU (synthetic scenes if no dataset)"
+    )
 
     def validate(self) -> "LabelConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
@@ -97,6 +100,8 @@ class LabelConfig:
             raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
+        if self.precision not in ("fp32", "amp"):
+            raise ConfigError("precision", f"must be fp32 or amp, got {self.precision!r}")
         if self.cpus_per_actor <= 0:
             raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
         if self.limit is not None and self.limit < 1:
@@ -104,11 +109,20 @@ class LabelConfig:
         return self
 
     def effective(self) -> "LabelConfig":
-        """The config actually run: ``smoke_test`` shrinks the job to a few images, the bundled model and CPU."""
+        """The config actually run: ``smoke_test`` shrinks the job to a few images, the bundled model and CPU.
+
+        A smoke test without ``dataset`` labels a few generated synthetic scenes (``smoke_dataset``), and without
+        ``output`` writes to ``out/smoke``.
+        """
         if not self.smoke_test:
             return self
+        default_data = not self.dataset
         return dataclasses.replace(
             self,
+            dataset=self.dataset or self.smoke_dataset(),
+            format="coco" if default_data else self.format,
+            split="train" if default_data else self.split,
+            output=self.output or "out/smoke",
             model=SMOKE_MODEL[0],
             pretrained=SMOKE_MODEL[1],
             limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES),
@@ -118,6 +132,12 @@ class LabelConfig:
             batch_size=min(self.batch_size, 4),
             decode_batch_size=min(self.decode_batch_size, 4),
         )
+
+    def smoke_dataset(self) -> str:
+        """Where a smoke test without ``dataset`` generates its synthetic scenes (under ``cache_dir``)."""
+        import os
+
+        return os.path.join(os.path.expanduser(self.cache_dir), "smoke-synth")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

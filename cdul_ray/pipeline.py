@@ -112,6 +112,7 @@ class ClipScorer:
         lam: float,
         cache_dir: str,
         endpoint_override: str | None,
+        precision: str = "fp32",
     ):
         import torch
 
@@ -127,6 +128,8 @@ class ClipScorer:
             self.text = class_text_embeddings(self.model.encode_text, tokenizer, classes, templates, self.device)
         self.num_classes = len(classes)
         self.grid, self.aggregator, self.threshold, self.lam = grid, aggregator, threshold, lam
+        # method.md §2: fp32 or autocast (fp16 weights have produced NaNs); alignment_scores upcasts to fp32 anyway
+        self.autocast = precision == "amp" and self.device.type == "cuda"
         self.out_schema = schema.labels_schema(self.num_classes).append(pa.field("error_stage", pa.string())).append(
             pa.field("error_reason", pa.string())
         )
@@ -148,7 +151,8 @@ class ClipScorer:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(views[ok])).to(self.device)  # (B', 1+S, 3, H, W)
                 x = normalize(x.flatten(0, 1), self.mean, self.std)  # (B'*(1+S), 3, H, W)
-                feats = self.model.encode_image(x)  # (B'*(1+S), D)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    feats = self.model.encode_image(x)  # (B'*(1+S), D)
                 probs = alignment_scores(feats, self.text, self.model.logit_scale).view(-1, v, c)  # (B', 1+S, C)
                 g = probs[:, 0]  # (B', C) global alignment
                 alpha, beta, mean = snippet_stats(probs[:, 1:])  # each (B', C), local alignment
@@ -265,8 +269,12 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     from cdul_ray.datasets import load_dataset
     from cdul_ray.evaluate import evaluate_labels
 
-    cfg = cfg.validate().effective()
+    cfg = cfg.effective().validate()
     start = time.time()
+    if cfg.smoke_test and cfg.dataset == cfg.smoke_dataset():
+        from cdul_ray.synthetic.generate import generate
+
+        generate(cfg.dataset, seed=0, counts={"train": cfg.limit or 8, "val": 0, "test": 0})
     endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
     cfg = dataclasses.replace(cfg, s3_endpoint=endpoint)
     index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit)
@@ -302,6 +310,7 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         "lam": cfg.lam,
         "cache_dir": cfg.cache_dir,
         "endpoint_override": endpoint,
+        "precision": cfg.precision,
     }
     ds = ds.map_batches(
         ClipScorer,
