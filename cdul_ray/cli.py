@@ -49,6 +49,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from cdul_ray.demo import DemoConfig, run_demo
+
+    run_demo(config_mod.from_args(DemoConfig, args))
+    return 0
+
+
 def build_parser(defaults: dict[str, str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdul", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +71,12 @@ def build_parser(defaults: dict[str, str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     p.add_argument("--no-write", action="store_true", help="print only; do not write evaluation.json/.md")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic multi-object benchmark, bundled CLIP, Table 1 (+ Table 2)")
+    from cdul_ray.demo import DemoConfig
+
+    config_mod.add_arguments(p, DemoConfig)
+    p.set_defaults(func=_demo)
 
     for name, (help_text, register) in EXTRA_COMMANDS.items():
         register(sub.add_parser(name, help=help_text))
@@ -85,6 +98,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training and batch prediction (cdul_ray.train, cdul_ray.predict; neither module imports Ray at import time).
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cdul_ray.train import TrainConfig, run_training
+
+    summary = run_training(config_mod.from_args(TrainConfig, args))
+    print(summary.render())
+    return 0
+
+
+def _register_train(parser: argparse.ArgumentParser) -> None:
+    from cdul_ray.train import TrainConfig
+
+    config_mod.add_arguments(parser, TrainConfig)
+    parser.set_defaults(func=_train)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cdul_ray.predict import PredictConfig, run_prediction
+
+    summary = run_prediction(config_mod.from_args(PredictConfig, args))
+    print(summary.render())
+    return 0
+
+
+def _register_predict(parser: argparse.ArgumentParser) -> None:
+    from cdul_ray.predict import PredictConfig
+
+    config_mod.add_arguments(parser, PredictConfig)
+    parser.set_defaults(func=_predict)
+
+
+EXTRA_COMMANDS["train"] = (
+    "train a classifier on the soft pseudo labels with gradient-alignment label updates (Ray Train)",
+    _register_train,
+)
+EXTRA_COMMANDS["predict"] = (
+    "batch inference with a trained classifier: per-class probabilities as Parquet (Ray Data)",
+    _register_predict,
+)
 
 
 if __name__ == "__main__":
