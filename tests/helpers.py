@@ -69,3 +69,60 @@ def write_coco(root: Path, n_images: int = 10, split: str = "train", seed: int =
         json.dumps({"images": images, "annotations": anns, "categories": cats})
     )
     return {"ok": ok, "corrupt": corrupt_id, "missing": missing_id}
+
+
+# One colour per class of CLASSES: a shapes image shows a filled square of the colour of each class present.
+SHAPE_COLOURS = ((220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40))
+
+
+def write_coco_shapes(root: Path, splits: dict[str, int], size: int = 48, seed: int = 0,
+                      corrupt_split: str | None = None) -> dict:
+    """A learnable multi-label COCO-format dataset with several splits (``instances_<split>.json`` each).
+
+    Every image is grey noise with 1-2 coloured squares; class c is present iff a square of SHAPE_COLOURS[c] is, so a
+    tiny CNN learns it in a few epochs. Image ids are unique across splits.
+
+    Args:
+        splits: split name -> number of good images, e.g. {"train": 24, "test": 12}.
+        corrupt_split: add one corrupt JPEG (listed in the annotations) to this split.
+
+    Returns:
+        {split: {"ok": [image ids], "gt": {image id: [class indices]}, "corrupt": id or None}}
+    """
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    cats = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]
+    out: dict = {}
+    next_id = 1
+    for split, n_images in splits.items():
+        img_dir = root / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        images, anns, ok, gt = [], [], [], {}
+        for _ in range(n_images):
+            image_id = next_id
+            next_id += 1
+            arr = rng.integers(90, 150, size=(size, size, 3), dtype=np.uint8)
+            present = sorted(rng.choice(len(CLASSES), size=int(rng.integers(1, 3)), replace=False).tolist())
+            side = size // 3
+            for c in present:
+                x, y = (int(v) for v in rng.integers(0, size - side, size=2))
+                arr[y:y + side, x:x + side] = SHAPE_COLOURS[c]
+            name = f"{image_id:012d}.jpg"
+            Image.fromarray(arr).save(img_dir / name, quality=95)
+            images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+            for c in present:
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": c + 1,
+                             "bbox": [0, 0, side, side], "area": side * side, "iscrowd": 0})
+            ok.append(str(image_id))
+            gt[str(image_id)] = present
+        corrupt_id = None
+        if split == corrupt_split:
+            corrupt_id = str(next_id)
+            next_id += 1
+            (img_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+            images.append({"id": int(corrupt_id), "file_name": "corrupt.jpg", "width": 10, "height": 10})
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
+        out[split] = {"ok": ok, "gt": gt, "corrupt": corrupt_id}
+    return out

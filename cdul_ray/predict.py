@@ -1,0 +1,276 @@
+"""Batch inference with a trained CDUL classifier on Ray Data (paper §3.3: inference uses the classifier alone).
+
+Stages: index (any reader of :mod:`cdul_ray.datasets`: folder / S3 prefix / manifest / COCO / VOC / NUS-WIDE) ->
+CPU decode + resize tasks (:func:`cdul_ray.train.decode_resized`) -> a ``Predictor`` actor pool (``map_batches``
+with ``ActorPoolStrategy``, one GPU per actor on GPU clusters) -> Parquet.
+
+Output directory (local path or ``s3://`` URI)::
+
+    <output>/
+      predictions/*.parquet   schema.predictions_schema(C): image_id, uri, probabilities (C values in [0, 1]:
+                              sigmoid for a bce-trained classifier, softmax for kl), one row per readable image
+      errors/*.parquet        ERRORS_SCHEMA: unreadable images (stage read | decode | predict)
+      classes.json            the classifier's classes (column order of ``probabilities``)
+      run_config.json         the full PredictConfig
+      summary.json            images, predicted, errors, wall time, images/s, mAP when the dataset has ground truth
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cdul_ray import schema, storage
+from cdul_ray.config import ConfigError, _f, to_dict
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = "predictions"
+SMOKE_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Config of the batch prediction job."""
+
+    checkpoint: str = _f("", "trained classifier: a training output dir, its model/ dir, or a checkpoint dir "
+                             "(local or s3://)", required=True)
+    dataset: str = _f("", "images to label: folder, s3:// prefix, manifest (.parquet/.csv) or dataset root",
+                      required=True)
+    output: str = _f("", "output directory: local path or s3:// URI", required=True)
+    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = _f(None, "dataset split (coco/voc/nuswide)")
+    batch_size: int = _f(64, "images per classifier batch")
+    decode_batch_size: int = _f(16, "images per CPU decode/resize task")
+    min_actors: int = _f(1, "classifier actor pool: minimum size")
+    max_actors: int | None = _f(None, "classifier actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
+    use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    cpus_per_actor: float = _f(1.0, "CPUs reserved per classifier actor")
+    limit: int | None = _f(None, "predict only the first N images")
+    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
+    evaluate: bool = _f(True, "compute the mAP of the predictions when the dataset has ground truth")
+    smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) on CPU")
+
+    def validate(self) -> "PredictConfig":
+        """Check every field; returns self. Raises ConfigError naming the first bad field."""
+        from cdul_ray.datasets import FORMATS
+
+        for name in ("checkpoint", "dataset", "output"):
+            if not getattr(self, name):
+                raise ConfigError(name, "is required")
+        if self.format not in FORMATS:
+            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
+        for name in ("batch_size", "decode_batch_size", "min_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        return self
+
+    def effective(self) -> "PredictConfig":
+        """``smoke_test`` shrinks the job to a few images and one CPU actor."""
+        if not self.smoke_test:
+            return self
+        return dataclasses.replace(self, limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES), use_gpu="false",
+                                   min_actors=1, max_actors=1, batch_size=min(self.batch_size, 8))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+class Predictor:
+    """Ray Data callable class: the classifier on a batch of decoded images.
+
+    Heavy state (the model) is built once per actor. Input: ``image_id``, ``uri``, ``pixels`` [B, 3, S, S] uint8,
+    ``error_stage``, ``error_reason``. Returns an Arrow table with ``predictions_schema(C)`` columns plus
+    ``error_stage``/``error_reason``.
+    """
+
+    def __init__(self, model_dir: str, endpoint_override: str | None):
+        import torch
+
+        from cdul_ray.train import load_model_dir
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.meta = load_model_dir(model_dir, self.device, endpoint_override)
+        self.num_classes = len(self.meta["classes"])
+        self.out_schema = schema.predictions_schema(self.num_classes).append(
+            pa.field("error_stage", pa.string())).append(pa.field("error_reason", pa.string()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        torch = self.torch
+        from cdul_ray.core.label_update import predict_proba
+        from cdul_ray.train import model_input
+
+        c = self.num_classes
+        stage = np.array([str(s) for s in batch["error_stage"]], dtype=object)
+        reason = np.array([str(s) for s in batch["error_reason"]], dtype=object)
+        ok = stage == ""
+        probs = np.zeros((len(stage), c), dtype=np.float32)  # (B, C)
+        if ok.any():
+            with torch.inference_mode():
+                x = model_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])), self.meta, self.device)
+                out = predict_proba(self.model(x), self.meta["loss"]).float().cpu().numpy()  # (B', C) in [0, 1]
+            finite = np.isfinite(out).all(axis=1)
+            probs[ok] = np.nan_to_num(out)
+            bad = np.flatnonzero(ok)[~finite]
+            stage[bad] = "predict"
+            reason[bad] = "non-finite classifier output (NaN/inf)"
+        vec = pa.list_(pa.float32(), c)
+        return pa.table({
+            "image_id": pa.array([str(x) for x in batch["image_id"]], pa.string()),
+            "uri": pa.array([str(x) for x in batch["uri"]], pa.string()),
+            "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), c).cast(vec),
+            "error_stage": pa.array(list(stage), pa.string()),
+            "error_reason": pa.array(list(reason), pa.string()),
+        }, schema=self.out_schema)
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a prediction run did. ``map`` is the mAP (%) against the dataset's ground truth, when it has one."""
+
+    output: str
+    images: int
+    predicted: int
+    errors: int
+    classes: int
+    seconds: float
+    images_per_second: float
+    map: float | None
+
+    def render(self) -> str:
+        lines = [
+            "CDUL prediction finished",
+            f"  images in      {self.images}",
+            f"  predicted      {self.predicted}",
+            f"  errors         {self.errors}" + (f"  (see {storage.join(self.output, schema.ERRORS_DIR)})"
+                                                 if self.errors else ""),
+            f"  classes        {self.classes}",
+            f"  wall time      {self.seconds:.1f} s  ({self.images_per_second:.2f} images/s)",
+            f"  predictions    {storage.join(self.output, PREDICTIONS_DIR)}",
+        ]
+        if self.map is not None:
+            lines.append(f"  mAP            {self.map:.2f}")
+        return "\n".join(lines)
+
+
+def _index(cfg: PredictConfig, classes: list[str], endpoint: str | None):
+    """The dataset indexed with the classifier's classes as vocabulary (ground truth, if any, remapped by name)."""
+    from cdul_ray.datasets import load_dataset
+
+    with tempfile.TemporaryDirectory() as folder:
+        vocab = os.path.join(folder, "classes.txt")
+        with open(vocab, "w") as f:
+            f.write("\n".join(classes) + "\n")
+        return load_dataset(cfg.dataset, cfg.format, cfg.split, vocab, endpoint, cfg.limit)
+
+
+def _map(predictions: pa.Table, records: pa.Table, num_classes: int) -> float | None:
+    from cdul_ray.core.metrics import mean_average_precision, multi_hot
+
+    gt = dict(zip(records["image_id"].to_pylist(), records["gt_labels"].to_pylist()))
+    ids = predictions["image_id"].to_pylist()
+    if not ids:
+        return None
+    probs = np.asarray(predictions["probabilities"].to_pylist(), dtype=np.float32)  # (N, C)
+    result = mean_average_precision(probs, multi_hot([gt[i] for i in ids], num_classes)).map
+    return None if math.isnan(result) else result
+
+
+def run_prediction(cfg: PredictConfig) -> PredictSummary:
+    """Predict per-class probabilities for every image of a dataset with a trained classifier.
+
+    Fails fast (before any Ray work) on the config, the classifier files, the dataset index and the output directory.
+
+    Raises:
+        ConfigError, FileNotFoundError, OutputExistsError (cdul_ray.pipeline).
+    """
+    import ray
+
+    from cdul_ray.pipeline import _check_output, _fs_path, _resources, _select_errors, _select_labels
+    from cdul_ray.train import absolute_uri, decode_resized, resolve_model_dir
+
+    cfg = cfg.validate().effective()
+    start = time.time()
+    endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
+    # Ray workers may run in another working directory: local paths must be absolute.
+    cfg = dataclasses.replace(cfg, s3_endpoint=endpoint, checkpoint=absolute_uri(cfg.checkpoint),
+                              dataset=absolute_uri(cfg.dataset), output=absolute_uri(cfg.output))
+    try:
+        model_dir = resolve_model_dir(cfg.checkpoint, endpoint)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config field `checkpoint`: {e}") from e
+    meta = storage.read_json(storage.join(model_dir, "model.json"), endpoint)
+    classes = list(meta["classes"])
+    index = _index(cfg, classes, endpoint)
+    _check_output(cfg)
+    n_images = len(index)
+    logger.info("%d images, classifier %s (%s, %d classes)", n_images, model_dir, meta["backbone"], len(classes))
+
+    if not ray.is_initialized():
+        ray.init()
+    import ray.data
+
+    use_gpu, min_actors, max_actors = _resources(cfg)
+    storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes}, endpoint)
+    storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
+
+    records = index.records.select(["image_id", "uri"])
+    n_blocks = max(1, min(n_images // cfg.decode_batch_size, 2000))
+    ds = ray.data.from_arrow(records).repartition(n_blocks)
+    ds = ds.map_batches(decode_resized,
+                        fn_kwargs={"image_size": int(meta["image_size"]), "endpoint_override": endpoint},
+                        batch_size=cfg.decode_batch_size, num_cpus=1)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_dir": model_dir, "endpoint_override": endpoint},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.cpus_per_actor,
+    )
+    scored = ds.materialize()
+
+    fs, out_path = storage.filesystem(cfg.output, endpoint)
+    predictions = scored.map_batches(_select_labels, batch_format="pyarrow", batch_size=None)
+    errors = scored.map_batches(_select_errors, batch_format="pyarrow", batch_size=None)
+    predictions.write_parquet(_fs_path(out_path, PREDICTIONS_DIR), filesystem=fs)
+    n_errors = errors.count()
+    if n_errors:
+        errors.write_parquet(_fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
+    else:  # an empty errors table keeps the layout fixed for readers
+        import pyarrow.parquet as pq
+
+        fs.create_dir(_fs_path(out_path, schema.ERRORS_DIR), recursive=True)
+        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), _fs_path(out_path, schema.ERRORS_DIR, "empty.parquet"),
+                       filesystem=fs)
+    n_predicted = n_images - n_errors
+
+    map_value = None
+    if cfg.evaluate and index.has_ground_truth and n_predicted:
+        table = pa.concat_tables(ray.get(predictions.select_columns(["image_id", "probabilities"]).to_arrow_refs()))
+        map_value = _map(table, index.records, len(classes))
+    seconds = time.time() - start
+    summary = PredictSummary(output=cfg.output, images=n_images, predicted=n_predicted, errors=n_errors,
+                             classes=len(classes), seconds=seconds,
+                             images_per_second=n_images / seconds if seconds else 0.0, map=map_value)
+    storage.write_json(storage.join(cfg.output, schema.SUMMARY_FILE), dataclasses.asdict(summary), endpoint)
+    return summary
