@@ -238,6 +238,12 @@ def _check_output(cfg: LabelConfig) -> None:
         raise OutputExistsError(
             f"config field `output`: {cfg.output} is not empty; pass --overwrite to replace it or choose another output"
         )
+    if fs.get_file_info(_fs_path(path, schema.RUN_CONFIG_FILE)).type == FileType.NotFound:
+        # --overwrite only ever replaces a labeling run, never an arbitrary directory (`--output ~ --overwrite`)
+        raise OutputExistsError(
+            f"config field `output`: {cfg.output} is not empty and holds no labeling run ({schema.RUN_CONFIG_FILE}); "
+            "refusing to delete it even with --overwrite"
+        )
     fs.delete_dir_contents(path)
 
 
@@ -278,8 +284,8 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
     cfg = dataclasses.replace(cfg, s3_endpoint=endpoint)
     index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit)
+    _check_output(cfg)  # before resolving weights: a hub download can take minutes
     spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
-    _check_output(cfg)
     n_images = index.records.num_rows
     logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(index.classes), cfg.model, cfg.pretrained, spec.kind)
 

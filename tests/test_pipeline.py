@@ -116,3 +116,15 @@ def test_cdul_evaluate_re_evaluates_from_parquet_alone(labeled, capsys):
     row = f"| {m['global']:.1f} | {m['avg']:.1f} | {m['max']:.1f} | {m['max']:.1f} |"
     assert row in printed
     assert json.loads((out / schema.EVALUATION_JSON).read_text())["threshold"] == 0.3  # --no-write kept the file
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_labeling_run(coco_dataset, tiny_clip, tmp_path):
+    from cdul_ray.pipeline import OutputExistsError
+
+    root, _ = coco_dataset
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="holds no labeling run"):
+        run_labeling(_cfg(root, precious, tiny_clip, overwrite=True))
+    assert (precious / "thesis.tex").read_text() == "years of work"
