@@ -1173,13 +1173,19 @@ def _prepare_output(cfg: TrainConfig, endpoint: str | None) -> bool:
         raise OutputExistsError(f"config field `output`: {cfg.output} exists and is not a directory")
     if not fs.get_file_info(FileSelector(path, allow_not_found=True)):
         return False
-    if cfg.overwrite:
-        fs.delete_dir_contents(path)
-        return False
     run_config_uri = storage.join(cfg.output, schema.RUN_CONFIG_FILE)
     previous = storage.read_json(run_config_uri, endpoint) if storage.exists(run_config_uri, endpoint) else None
-    if not previous or "label_lr" not in previous:
-        raise OutputExistsError(f"config field `output`: {cfg.output} is not empty and holds no training run; "
+    if cfg.overwrite:
+        if not previous:  # --overwrite replaces a cdul run, never an arbitrary directory (`--output ~ --overwrite`)
+            raise OutputExistsError(f"config field `output`: {cfg.output} is not empty and holds no cdul run "
+                                    f"({schema.RUN_CONFIG_FILE}); refusing to delete it even with --overwrite")
+        fs.delete_dir_contents(path)
+        return False
+    if not previous:
+        raise OutputExistsError(f"config field `output`: {cfg.output} is not empty and holds no cdul run; choose "
+                                "another output")
+    if "label_lr" not in previous:
+        raise OutputExistsError(f"config field `output`: {cfg.output} holds a cdul run that is not a training run; "
                                 "pass --overwrite to replace it or choose another output")
     current = cfg.to_dict()
     for name, value in current.items():

@@ -315,8 +315,13 @@ def test_existing_output_resumes_only_the_same_run(run_1w, shapes, planted, tmp_
     assert e.value.field == "lr" and "resum" in str(e.value)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("not a training run")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="another output"):
         run_training(_cfg(planted, root, tmp_path / "other"))
+    with pytest.raises(OutputExistsError, match="not a training run; pass --overwrite"):
+        run_training(_cfg(planted, root, planted))  # a labeling run is not resumed as a training run
+    with pytest.raises(OutputExistsError, match="refusing to delete"):
+        run_training(_cfg(planted, root, tmp_path / "other", overwrite=True))
+    assert (tmp_path / "other" / "notes.txt").exists()
 
 
 def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch):
