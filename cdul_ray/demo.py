@@ -35,9 +35,13 @@ class DemoConfig:
     batch_size: int = _f(32, "images per CLIP batch")
     max_actors: int = _f(1, "CLIP actors (CPU)")
     train: bool = _f(True, "also train the classifier (with and without label updates) and print Table 2")
-    train_epochs: int = _f(6, "classifier epochs")
-    backbone: str = _f("resnet18", "classifier backbone (timm name; random init offline)")
-    image_size: int = _f(112, "classifier input side in pixels")
+    train_epochs: int = _f(4, "classifier epochs")
+    backbone: str = _f("open_clip:cdul-synth-rn", "classifier backbone: a timm name (random init offline) or "
+                                                  "open_clip:<name>, the CLIP image trunk")
+    pretrained_backbone: str = _f("synth", "backbone weights (for open_clip: a pretrained tag or file)")
+    freeze_backbone: bool = _f(True, "train only the classifier head on the frozen backbone (a linear probe)")
+    train_lr: float = _f(1e-2, "classifier AdamW learning rate")
+    image_size: int = _f(128, "classifier input side in pixels")
     report: bool = _f(True, "write the PNG report next to the labels")
 
     def validate(self) -> "DemoConfig":
@@ -109,7 +113,8 @@ def _table2(cfg: DemoConfig, train_summary: Any) -> dict[str, float]:
         summary = run_training(TrainConfig(
             labels=train_summary.output, dataset=cfg.data, format="coco", split="train", eval_split="test",
             output=storage.join(cfg.output, "train-update" if updates else "train-fixed"), backbone=cfg.backbone,
-            image_size=cfg.image_size, epochs=cfg.train_epochs, batch_size=32, lr=1e-3, label_update=updates,
+            pretrained_backbone=cfg.pretrained_backbone, freeze_backbone=cfg.freeze_backbone,
+            image_size=cfg.image_size, epochs=cfg.train_epochs, batch_size=32, lr=cfg.train_lr, label_update=updates,
             cam_images=4, seed=cfg.seed, overwrite=True,
         ))
         rows[name] = summary.eval_map

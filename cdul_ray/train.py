@@ -327,8 +327,10 @@ class Classifier(nn.Module):
 
 
 class OpenClipTrunk(nn.Module):
-    """The convolutional trunk (stem + 4 stages) of an open_clip ResNet CLIP image tower (``ModifiedResNet``) with
-    global average pooling instead of CLIP's attention pooling, so it takes any input size and gives exact CAMs.
+    """The convolutional trunk of an open_clip CNN CLIP image tower with global average pooling, so it takes any
+    input size and gives exact CAMs: the stem + 4 stages of a ``ModifiedResNet`` (RN50, RN101, ...; CLIP's attention
+    pooling dropped) or the timm trunk of a ``TimmModel`` tower (e.g. the bundled ``cdul-synth-rn``; projection
+    dropped).
 
     Same interface as a timm backbone with ``num_classes=0``: ``forward_features`` [B, 3, S, S] -> [B, F, h, w],
     ``forward_head`` -> [B, F], ``forward`` = both, ``num_features`` = F, ``pretrained_cfg`` with mean/std.
@@ -336,7 +338,10 @@ class OpenClipTrunk(nn.Module):
 
     def __init__(self, visual: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        visual.attnpool = nn.Identity()  # unused: CLIP's attention pooling is tied to the pretraining input size
+        if hasattr(visual, "attnpool"):
+            visual.attnpool = nn.Identity()  # unused: CLIP's attention pooling is tied to the pretraining input size
+        else:
+            visual.head = nn.Identity()  # TimmModel: the CLIP projection is not a classifier feature
         self.visual = visual
         self.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
         with torch.no_grad():
@@ -344,6 +349,8 @@ class OpenClipTrunk(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
+        if hasattr(v, "trunk"):
+            return v.trunk.forward_features(x)  # (B, F, h, w)
         return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # (B, F, h, w)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
@@ -374,8 +381,11 @@ def check_backbone(name: str) -> None:
         from cdul_ray.clip import _open_clip
 
         model_cfg = _open_clip().get_model_config(name[len(OPEN_CLIP_PREFIX):])
-        if model_cfg is None or not isinstance(model_cfg.get("vision_cfg", {}).get("layers"), (list, tuple)):
-            raise ConfigError("backbone", f"{name!r}: not an open_clip ResNet CLIP (RN50, RN101, cdul-synth-rn, ...); "
+        vision = (model_cfg or {}).get("vision_cfg", {})
+        modified_resnet = isinstance(vision.get("layers"), (list, tuple))
+        timm_cnn = bool(vision.get("timm_model_name")) and vision.get("timm_pool", "avg") == "avg"
+        if not (modified_resnet or timm_cnn):
+            raise ConfigError("backbone", f"{name!r}: not an open_clip CNN CLIP (RN50, RN101, cdul-synth-rn, ...); "
                                           "ViT image towers are not supported as backbones")
         return
     if not timm.is_model(name):

@@ -401,3 +401,20 @@ def test_cli_builds_train_and_predict_configs_without_importing_ray_train():
             "print(c.use_gpu, c.workers, c.label_update, c.label_lr, c.backbone, 'ray.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "8", "False", "0.2", "resnet50", "False"]
+
+
+def test_bundled_clip_timm_tower_as_frozen_backbone():
+    """``open_clip:cdul-synth-rn`` (a timm tower inside open_clip) gives the trunk's spatial features and exact CAMs."""
+    from cdul_ray.train import check_backbone, create_classifier
+
+    check_backbone("open_clip:cdul-synth-rn")
+    torch.manual_seed(0)
+    model = create_classifier("open_clip:cdul-synth-rn", 3, weights="synth", freeze_backbone=True)
+    model.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        logits, cams = model.cam(x)
+        assert cams.shape[:2] == (2, 3) and cams.shape[2] == cams.shape[3] == 3  # 96 px / 32
+        torch.testing.assert_close(cams.mean(dim=(2, 3)), logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x), logits)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]

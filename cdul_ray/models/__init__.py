@@ -1,7 +1,7 @@
 """Bundled model assets: open_clip configs registered under their file stems, and the small synthetic-world CLIP.
 
-``cdul-synth-rn`` is a small ModifiedResNet/transformer CLIP trained contrastively on single-object images of the
-offline benchmark world (``cdul_ray.synthetic``); see ``MODEL_CARD.md`` next to this file. Regenerate its weights
+``cdul-synth-rn`` is a small CLIP (timm ``test_resnet`` image tower, transformer text tower) trained contrastively
+on single-object images of the offline benchmark world (``cdul_ray.synthetic``); see ``MODEL_CARD.md`` next to this file. Regenerate its weights
 with ``python -m cdul_ray.synthetic.train_clip --seed 0 --out cdul_ray/models/``.
 """
 

@@ -2,8 +2,9 @@
 
 The model sees ONLY images with one object each (CLIP's own weakness, the paper's motivation): freshly generated
 from the seed, captioned "a photo of a red triangle." / "a photo of a triangle." (and two other templates, see
-``cdul_ray.synthetic.world.caption_for``). The loss is open_clip's standard ``ClipLoss`` (symmetric InfoNCE with a
-learned temperature). After training, the weights are written as fp16 safetensors, reloaded through
+``cdul_ray.synthetic.world.caption_for``). The loss is CLIP's symmetric InfoNCE with a learned temperature, with
+the one change this world needs: images of a batch that carry the same caption share it as their positive
+(:func:`clip_loss_shared_captions`; it equals open_clip's ``ClipLoss`` when all captions differ). After training, the weights are written as fp16 safetensors, reloaded through
 ``open_clip.create_model_and_transforms(..., pretrained=<file>)`` and scored zero-shot on held-out single objects
 (another seed); that number goes into ``MODEL_CARD.md``.
 
@@ -63,17 +64,17 @@ class TrainClipConfig:
     seed: int = 0
     model_name: str = SYNTH_MODEL_NAME
     num_images: int = 24000
-    steps: int = 600
+    steps: int = 4800
     batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 40
+    lr: float = 3e-3
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     flips: bool = True
     threads: int = 2
     workers: int = 2
     eval_n: int = DEFAULT_EVAL_N
     eval_seed: int = DEFAULT_EVAL_SEED
-    eval_every: int = 0
+    eval_every: int = 800
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings."""
@@ -117,6 +118,34 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def clip_loss_shared_captions(
+    image_features: torch.Tensor, text_features: torch.Tensor, caption_index: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss when several images of a batch share one caption.
+
+    open_clip's ``ClipLoss`` assumes caption ``i`` belongs to image ``i`` only. In this world captions repeat
+    ("a photo of a triangle." is drawn for many images of a batch), and ``ClipLoss`` would then push an image away
+    from the very caption it carries, written a second time. Here every distinct caption appears once, and an image's
+    target is its caption (image -> text), a caption's target is the uniform distribution over the images that carry
+    it (text -> image). With all captions distinct it equals ``ClipLoss`` exactly (Radford et al. 2021, Fig. 3).
+
+    Args:
+        image_features: ``[B, D]`` unit-norm image embeddings.
+        text_features: ``[U, D]`` unit-norm embeddings of the batch's distinct captions.
+        caption_index: ``[B]`` int64 in ``0..U-1``, the caption of each image (every caption used at least once).
+        logit_scale: scalar, the temperature already exponentiated (``logit_scale.exp()``).
+
+    Returns:
+        Scalar loss, >= 0 (its floor is ``log`` of the caption multiplicities, not 0).
+    """
+    logits = logit_scale * image_features @ text_features.T  # (B, U)
+    image_to_text = torch.nn.functional.cross_entropy(logits, caption_index)
+    owners = torch.nn.functional.one_hot(caption_index, text_features.shape[0]).T.float()  # (U, B)
+    targets = owners / owners.sum(1, keepdim=True)
+    text_to_image = -(targets * torch.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (image_to_text + text_to_image) / 2
 
 
 def _dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -180,7 +209,6 @@ def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
     all_tokens = tokenizer(vocab)  # (V, L)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
 
-    loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int) -> float:
@@ -209,8 +237,8 @@ def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
             group["lr"] = lr_at(step)
 
         image_features = model.encode_image(x, normalize=True)  # (B, D)
-        text_features = model.encode_text(all_tokens[uniq], normalize=True)[inverse]  # (B, D)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        text_features = model.encode_text(all_tokens[uniq], normalize=True)  # (U, D)
+        loss = clip_loss_shared_captions(image_features, text_features, inverse, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -219,7 +247,7 @@ def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
         losses.append(loss.item())
         if step % 25 == 0 or step == cfg.steps - 1:
             logger.info("step %d/%d loss %.4f logit_scale %.2f lr %.2e elapsed %.0fs", step + 1, cfg.steps,
-                        losses[-1], float(model.logit_scale.exp()), lr_at(step), time.perf_counter() - t0)
+                        losses[-1], float(model.logit_scale.detach().exp()), lr_at(step), time.perf_counter() - t0)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             # Progress only (small, separate seed); eval mode leaves BatchNorm statistics and the RNGs untouched.
             acc = zero_shot_eval(model, preprocess, tokenizer, n=240, seed=cfg.eval_seed + 1).accuracy
@@ -292,7 +320,7 @@ def render_model_card(summary: dict, confusion: np.ndarray) -> str:
 
 # Model card: `{summary['model_name']}` / `{summary['pretrained_tag']}` (cdul-ray's offline stand-in for CLIP)
 
-A small CLIP (ModifiedResNet image tower, 3-layer transformer text tower; config `{summary['model_name']}.json`
+A small CLIP (timm `test_resnet` convolutional image tower, 2-layer transformer text tower; config `{summary['model_name']}.json`
 next to this file) trained from scratch, contrastively, on **single-object** synthetic images only. It exists so
 that cdul-ray's CDUL pipeline can be run and tested offline, where real CLIP weights cannot be downloaded. Like
 CLIP, it has never seen a multi-object scene: global alignment of a scene with several objects is its weak spot,
@@ -318,7 +346,9 @@ which is exactly what CDUL's local (snippet) alignment is meant to fix.
 - Each training image gets a random flip/transpose (class-preserving) when `flips` is true.
 
 ## Training
-- Loss: `open_clip.ClipLoss` (symmetric InfoNCE, learned temperature, clamped at 100).
+- Loss: CLIP's symmetric InfoNCE with a learned temperature (clamped at 100), where images of a batch that carry
+  the same caption share it as their positive (`clip_loss_shared_captions`; identical to `open_clip.ClipLoss`
+  when all captions differ: here captions repeat, and `ClipLoss` would push an image away from its own caption).
 - AdamW (betas 0.9/0.98, eps 1e-6), peak lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps then cosine to 0,
   weight decay {cfg['weight_decay']} (not on gains/biases/logit scale).
 - {cfg['steps']} steps x batch {cfg['batch_size']} = {summary['images_seen']:,} images seen; mean loss of the last

@@ -85,7 +85,7 @@ PLACEMENT_TRIES = 100
 
 CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "a {}.")
 CAPTION_TEMPLATE_P: tuple[float, ...] = (0.6, 0.2, 0.2)
-CAPTION_COLOR_P = 0.5  # probability that a caption names the colour ("a photo of a red triangle.")
+CAPTION_COLOR_P = 0.25  # probability that a caption names the colour ("a photo of a red triangle.")
 
 
 def sample_rng(seed: int, stream: str, index: int) -> np.random.Generator:
