@@ -39,8 +39,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cdul_ray.evaluate import evaluate_labels, render_table
 
     threshold = args.threshold
+    run_config = storage.join(args.output, "run_config.json")
+    if not storage.exists(run_config, args.s3_endpoint):
+        raise config_mod.ConfigError("output", f"no labeling run at {args.output} (no run_config.json there); pass "
+                                               "the --output directory of a `cdul label` run")
     if threshold is None:
-        threshold = storage.read_json(storage.join(args.output, "run_config.json"), args.s3_endpoint)["threshold"]
+        threshold = storage.read_json(run_config, args.s3_endpoint)["threshold"]
     if not 0.0 <= threshold <= 1.0:
         raise config_mod.ConfigError("threshold", f"must be in [0, 1], got {threshold}")
     result = evaluate_labels(args.output, threshold=threshold, lam=args.lam, endpoint_override=args.s3_endpoint,

@@ -87,3 +87,11 @@ def test_smoke_test_shrinks_the_job():
     cfg = LabelConfig(dataset="/d", output="/o", smoke_test=True, batch_size=64).effective()
     assert (cfg.model, cfg.pretrained, cfg.limit, cfg.use_gpu, cfg.max_actors) == ("cdul-synth-rn", "synth", 8, "false", 1)
     assert cfg.batch_size == 4
+
+
+def test_evaluate_without_a_labeling_run_names_the_output_field(tmp_path, capsys):
+    from cdul_ray.cli import main
+
+    assert main(["evaluate", "--output", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "config field `output`" in err and "no labeling run at" in err and str(tmp_path / "nope") in err
