@@ -66,6 +66,7 @@ class LabelConfig:
     cpus_per_actor: float = _f(1.0, "CPUs reserved per CLIP actor")
     precision: str = _f("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
     limit: int | None = _f(None, "label only the first N images of the dataset")
+    rows_per_file: int = _f(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
     cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
     overwrite: bool = _f(False, "replace an existing output directory instead of failing")
@@ -94,7 +95,7 @@ class LabelConfig:
             raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
         if self.lam < 0:
             raise ConfigError("lam", f"must be >= 0, got {self.lam}")
-        for name in ("batch_size", "decode_batch_size", "min_actors"):
+        for name in ("batch_size", "decode_batch_size", "min_actors", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.min_actors:

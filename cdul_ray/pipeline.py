@@ -28,15 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdul_ray import schema, storage
+from cdul_ray.batch_inference import OutputExistsError, Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import LabelConfig
 
 logger = logging.getLogger(__name__)
 
-_ERROR_COLS = ("error_stage", "error_reason")
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory already holds a labeling run and ``overwrite`` is off."""
+__all__ = ["ClipScorer", "LabelSummary", "OutputExistsError", "decode_views", "resources", "run_labeling"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -168,8 +165,7 @@ class ClipScorer:
             "uri": pa.array([str(x) for x in batch["uri"]], pa.string()),
             "width": pa.array(batch["width"], pa.int32()),
             "height": pa.array(batch["height"], pa.int32()),
-            "gt_labels": pa.array([None if g is None else [int(i) for i in g] for g in batch["gt_labels"]],
-                                  pa.list_(pa.int32())),
+            "gt_labels": pa.array([_class_indices(g) for g in batch["gt_labels"]], pa.list_(pa.int32())),
         }
         vec = pa.list_(pa.float32(), c)
         for k, name in enumerate(schema.SCORE_COLUMNS):
@@ -179,76 +175,70 @@ class ClipScorer:
         return pa.table(cols, schema=self.out_schema)
 
 
-def _select_labels(table: pa.Table) -> pa.Table:
-    return table.filter(pc.equal(table["error_stage"], "")).drop_columns(list(_ERROR_COLS))
+def _class_indices(value: Any) -> list[int] | None:
+    """A ``gt_labels`` cell as Ray Data hands it over -> class indices, or None when the dataset has no ground truth.
 
-
-def _select_errors(table: pa.Table) -> pa.Table:
-    bad = table.filter(pc.not_equal(table["error_stage"], ""))
-    return pa.table(
-        {"image_id": bad["image_id"], "uri": bad["uri"], "stage": bad["error_stage"], "reason": bad["error_reason"]},
-        schema=schema.ERRORS_SCHEMA,
-    )
+    A column that is null in every row of a batch arrives as a float NaN per row, not as None.
+    """
+    if value is None or np.ndim(value) == 0:
+        return None
+    return [int(i) for i in value]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The job
 
 
+# Fields that define a labeling run's values: a run into an output that holds labels made with other values is refused.
+LABEL_DEFINING_FIELDS = ("model", "pretrained", "classes", "templates", "grid", "aggregator", "threshold", "lam",
+                         "precision")
+
+
 @dataclass(frozen=True)
 class LabelSummary:
-    """What a labeling run did. ``images_per_second`` counts input images over the whole run's wall time."""
+    """What a labeling run did.
+
+    ``images`` is the corpus index of this run; ``already_done`` the images an earlier run into the same output had
+    labeled (or recorded as errors); ``labeled`` and ``errors`` what this run added; ``labeled_total`` and
+    ``errors_total`` what ``labels/`` and ``errors/`` hold now. ``images_per_second`` counts the images of this run
+    over its wall time.
+    """
 
     output: str
     images: int
+    already_done: int
     labeled: int
     errors: int
+    labeled_total: int
+    errors_total: int
     seconds: float
     images_per_second: float
     classes: int
     evaluation: dict[str, Any] | None
 
     def render(self) -> str:
+        errors_dir = storage.join(self.output, schema.ERRORS_DIR)
         lines = [
             "CDUL labeling finished",
             f"  images in      {self.images}",
-            f"  labeled        {self.labeled}",
-            f"  errors         {self.errors}" + (f"  (see {storage.join(self.output, schema.ERRORS_DIR)})" if self.errors else ""),
+            f"  already done   {self.already_done}" + ("  (earlier runs into this output; skipped)"
+                                                        if self.already_done else ""),
+            f"  labeled now    {self.labeled}",
+            f"  errors now     {self.errors}" + (f"  (see {errors_dir})" if self.errors else ""),
+            f"  output holds   {self.labeled_total} labels, {self.errors_total} errors",
             f"  classes        {self.classes}",
             f"  wall time      {self.seconds:.1f} s  ({self.images_per_second:.2f} images/s)",
             f"  soft labels    {storage.join(self.output, schema.LABELS_DIR)}",
         ]
         if self.evaluation:
             lines.append(f"  evaluation     {storage.join(self.output, schema.EVALUATION_MD)}")
+        elif self.evaluation is None and self.labeled_total:
+            lines.append("  evaluation     skipped: the dataset has no ground truth")
         return "\n".join(lines)
 
 
-def _check_output(cfg: LabelConfig) -> None:
-    fs, path = storage.filesystem(cfg.output, cfg.s3_endpoint)
-    from pyarrow.fs import FileSelector, FileType
-
-    info = fs.get_file_info(path)
-    if info.type == FileType.NotFound:
-        return
-    if info.type != FileType.Directory:
-        raise OutputExistsError(f"config field `output`: {cfg.output} exists and is not a directory")
-    if not fs.get_file_info(FileSelector(path, allow_not_found=True)):
-        return
-    if not cfg.overwrite:
-        raise OutputExistsError(
-            f"config field `output`: {cfg.output} is not empty; pass --overwrite to replace it or choose another output"
-        )
-    if fs.get_file_info(_fs_path(path, schema.RUN_CONFIG_FILE)).type == FileType.NotFound:
-        # --overwrite only ever replaces a labeling run, never an arbitrary directory (`--output ~ --overwrite`)
-        raise OutputExistsError(
-            f"config field `output`: {cfg.output} is not empty and holds no labeling run ({schema.RUN_CONFIG_FILE}); "
-            "refusing to delete it even with --overwrite"
-        )
-    fs.delete_dir_contents(path)
-
-
-def _resources(cfg: LabelConfig) -> tuple[bool, int, int]:
-    """(use GPU, min actors, max actors) from the config and the cluster's resources."""
+def resources(cfg: Any) -> tuple[bool, int, int]:
+    """(use GPU, min actors, max actors) of a model actor pool from the config and the cluster's resources."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -263,8 +253,10 @@ def _resources(cfg: LabelConfig) -> tuple[bool, int, int]:
 def run_labeling(cfg: LabelConfig) -> LabelSummary:
     """Label every image of a dataset with CDUL soft pseudo labels (method.md §1-§5) and evaluate them.
 
-    Everything that can fail fast does so before any Ray work: config validation, the dataset index, the weights,
-    the output directory.
+    Output is streamed to ``labels/`` and ``errors/`` while the job runs; running the same command again into the
+    same output labels only the images not yet there (after a kill, a lost node, or new images in the dataset); see
+    :mod:`cdul_ray.batch_inference`. Everything that can fail fast does so before any Ray work: config validation,
+    the dataset index, the output directory (a different label-defining config is refused), the weights.
 
     Raises:
         ConfigError, FileNotFoundError, WeightsNotFoundError, UnknownModelError, OutputExistsError.
@@ -284,28 +276,22 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
     cfg = dataclasses.replace(cfg, s3_endpoint=endpoint)
     index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit)
-    _check_output(cfg)  # before resolving weights: a hub download can take minutes
+    classes = list(index.classes)
+    run_config = {"kind": "label", **cfg.to_dict(), "classes": classes}
+    # before resolving weights: a hub download can take minutes
+    prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, LABEL_DEFINING_FIELDS, "label")
     spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
     n_images = index.records.num_rows
-    logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(index.classes), cfg.model, cfg.pretrained, spec.kind)
+    logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(classes), cfg.model, cfg.pretrained, spec.kind)
 
     if not ray.is_initialized():
         ray.init()
-    use_gpu, min_actors, max_actors = _resources(cfg)
-    classes = list(index.classes)
+    use_gpu, min_actors, max_actors = resources(cfg)
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
-    storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
+    storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    import ray.data
-
-    n_blocks = max(1, min(n_images // max(cfg.decode_batch_size, 1), 2000))
-    ds = ray.data.from_arrow(index.records).repartition(n_blocks)
-    ds = ds.map_batches(
-        decode_views,
-        fn_kwargs={"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint},
-        batch_size=cfg.decode_batch_size,
-        num_cpus=1,
-    )
+    decode = Stage(decode_views, cfg.decode_batch_size,
+                   {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint})
     actor_kwargs = {
         "spec": spec,
         "classes": classes,
@@ -318,47 +304,31 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         "endpoint_override": endpoint,
         "precision": cfg.precision,
     }
-    ds = ds.map_batches(
-        ClipScorer,
-        fn_constructor_kwargs=actor_kwargs,
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=cfg.cpus_per_actor,
-    )
-    scored = ds.materialize()
-
-    fs, out_path = storage.filesystem(cfg.output, endpoint)
-    labels = scored.map_batches(_select_labels, batch_format="pyarrow", batch_size=None)
-    errors = scored.map_batches(_select_errors, batch_format="pyarrow", batch_size=None)
-    labels.write_parquet(_fs_path(out_path, schema.LABELS_DIR), filesystem=fs)
-    n_errors = errors.count()
-    if n_errors:
-        errors.write_parquet(_fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
-    else:  # an empty errors table keeps the layout fixed for readers
-        import pyarrow.parquet as pq
-
-        fs.create_dir(_fs_path(out_path, schema.ERRORS_DIR), recursive=True)
-        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), _fs_path(out_path, schema.ERRORS_DIR, "empty.parquet"), filesystem=fs)
-    n_labeled = n_images - n_errors
+    score = Stage(ClipScorer, cfg.batch_size, actor_kwargs, num_cpus=cfg.cpus_per_actor,
+                  num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
+    written = stream_to_parquet(index.records, cfg.output, endpoint, schema.LABELS_DIR, (decode, score),
+                                cfg.rows_per_file)
+    labeled_total = count_rows(cfg.output, endpoint, schema.LABELS_DIR)
+    errors_total = count_rows(cfg.output, endpoint, schema.ERRORS_DIR)
 
     evaluation = None
-    if cfg.evaluate and index.has_ground_truth and n_labeled:
+    if cfg.evaluate and index.has_ground_truth and labeled_total:
         evaluation = evaluate_labels(cfg.output, threshold=cfg.threshold, lam=cfg.lam, endpoint_override=endpoint)
+    elif cfg.evaluate and not index.has_ground_truth:
+        logger.info("evaluation skipped: the dataset has no ground truth (pseudo-label mAP needs annotations)")
     seconds = time.time() - start
     summary = LabelSummary(
         output=cfg.output,
         images=n_images,
-        labeled=n_labeled,
-        errors=n_errors,
+        already_done=n_images - written.results - written.errors,
+        labeled=written.results,
+        errors=written.errors,
+        labeled_total=labeled_total,
+        errors_total=errors_total,
         seconds=seconds,
-        images_per_second=n_images / seconds if seconds else 0.0,
+        images_per_second=(written.results + written.errors) / seconds if seconds else 0.0,
         classes=len(classes),
         evaluation=evaluation,
     )
     storage.write_json(storage.join(cfg.output, schema.SUMMARY_FILE), dataclasses.asdict(summary), endpoint)
     return summary
-
-
-def _fs_path(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])

@@ -8,7 +8,8 @@ Output directory of a labeling run (local path or ``s3://`` URI)::
       classes.json          {"classes": [...], "templates": [...]}  (column order of every per-class vector)
       run_config.json       the full LabelConfig of the run
       evaluation.json/.md   pseudo-label mAP table (only when ground truth exists)
-      summary.json          images labeled, errors, wall time, images/s
+      summary.json          images, already done, labeled now, errors, wall time, images/s
+      _index/, _checkpoint/ the latest run's corpus index and Ray Data's checkpoint (resume and incremental runs)
 
 Per-class vectors are ``fixed_size_list<float32>[C]`` columns whose order is ``classes.json``.
 Scores are CLIP softmax probabilities in [0, 1] (method.md §2-§5).
@@ -25,6 +26,8 @@ RUN_CONFIG_FILE = "run_config.json"
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 SUMMARY_FILE = "summary.json"
+INDEX_DIR = "_index"  # the corpus index of the latest run (Parquet), read by the streamed pipeline
+CHECKPOINT_DIR = "_checkpoint"  # Ray Data checkpoint: image ids of every committed write task (resume, incremental)
 
 # Index rows produced by every dataset reader (cdul_ray.datasets) and consumed by the pipelines.
 INDEX_SCHEMA = pa.schema(
