@@ -247,17 +247,18 @@ def _check_output(cfg: LabelConfig) -> None:
     fs.delete_dir_contents(path)
 
 
-def _resources(cfg: LabelConfig) -> tuple[bool, int, int]:
-    """(use GPU, min actors, max actors) from the config and the cluster's resources."""
-    import ray
+def _resources(cfg: LabelConfig) -> tuple[bool, int, int | None]:
+    """(use GPU, min actors, max actors or None for unbounded) from the config and the cluster's GPUs, present or
+    addable by the autoscaler (cdul_ray.resources); logs what was decided and why.
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = {"true": True, "false": False}.get(cfg.use_gpu, gpus > 0)
-    if use_gpu and cfg.use_gpu == "true" and gpus == 0:
-        logger.warning("use_gpu=true but the cluster reports no GPU yet; actors will wait for GPU nodes (autoscaler)")
-    default_max = max(gpus, 1) if use_gpu else 1
-    max_actors = cfg.max_actors or max(default_max, cfg.min_actors)
-    return use_gpu, cfg.min_actors, max_actors
+    Raises:
+        ConfigError: ``use_gpu`` is true on a cluster whose autoscaler config has no GPU node type.
+    """
+    from cdul_ray.resources import gpu_capacity, plan_actor_pool
+
+    plan = plan_actor_pool(cfg.use_gpu, cfg.min_actors, cfg.max_actors, gpu_capacity())
+    logger.log(logging.WARNING if plan.warn else logging.INFO, "%s", plan.reason)
+    return plan.use_gpu, plan.min_actors, plan.max_actors
 
 
 def run_labeling(cfg: LabelConfig) -> LabelSummary:
