@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-IDLE_TIMEOUT_S = 6  # the autoscaler releases a worker node idle this long (cluster.yaml: 5 minutes)
+IDLE_TIMEOUT_S = 15  # the autoscaler releases a worker node idle this long (cluster.yaml: 5 minutes)
 
 
 def _free_port() -> int:
@@ -111,9 +111,15 @@ def autoscaling_head(tmp_path):
     port, dash = _free_port(), _free_port()
     config = home / "ray_bootstrap_config.yaml"  # where `ray up` puts it on the head node
     config.write_text(yaml.safe_dump(_fake_config(f"{ip}:{port}")))
+    # token auth as on cluster.yaml's nodes, with this cluster's own token under the private HOME (whatever the
+    # session's local cluster set in this process's environment)
     env = dict(os.environ, HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
-               RAY_USAGE_STATS_ENABLED="0", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    env.pop("RAY_ADDRESS", None)
+               RAY_USAGE_STATS_ENABLED="0", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+               RAY_AUTH_MODE="token")
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=120)
     log = open(tmp_path / "head.log", "w")
     # --block keeps `ray start` in the foreground as the leader of every process of this cluster (fake worker nodes
     # are children of its autoscaler), so one killpg stops exactly them.
