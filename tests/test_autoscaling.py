@@ -143,7 +143,7 @@ def autoscaling_head(tmp_path):
             time.sleep(2)
         yield driver_env, tmp_path
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
