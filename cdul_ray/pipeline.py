@@ -30,10 +30,11 @@ import pyarrow.compute as pc
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import OutputExistsError, Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import LabelConfig
+from cdul_ray.resources import actor_pool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClipScorer", "LabelSummary", "OutputExistsError", "decode_views", "resources", "run_labeling"]
+__all__ = ["ClipScorer", "LabelSummary", "OutputExistsError", "decode_views", "run_labeling"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,19 +238,6 @@ class LabelSummary:
         return "\n".join(lines)
 
 
-def resources(cfg: Any) -> tuple[bool, int, int]:
-    """(use GPU, min actors, max actors) of a model actor pool from the config and the cluster's resources."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = {"true": True, "false": False}.get(cfg.use_gpu, gpus > 0)
-    if use_gpu and cfg.use_gpu == "true" and gpus == 0:
-        logger.warning("use_gpu=true but the cluster reports no GPU yet; actors will wait for GPU nodes (autoscaler)")
-    default_max = max(gpus, 1) if use_gpu else 1
-    max_actors = cfg.max_actors or max(default_max, cfg.min_actors)
-    return use_gpu, cfg.min_actors, max_actors
-
-
 def run_labeling(cfg: LabelConfig) -> LabelSummary:
     """Label every image of a dataset with CDUL soft pseudo labels (method.md §1-§5) and evaluate them.
 
@@ -286,7 +274,7 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
 
     if not ray.is_initialized():
         ray.init()
-    use_gpu, min_actors, max_actors = resources(cfg)
+    use_gpu, min_actors, max_actors = actor_pool(cfg)
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 

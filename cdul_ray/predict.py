@@ -28,9 +28,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 
 from cdul_ray import schema, storage
+from cdul_ray.batch_inference import Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import ConfigError, _f, to_dict
+from cdul_ray.resources import actor_pool
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +56,14 @@ class PredictConfig:
     batch_size: int = _f(64, "images per classifier batch")
     decode_batch_size: int = _f(16, "images per CPU decode/resize task")
     min_actors: int = _f(1, "classifier actor pool: minimum size")
-    max_actors: int | None = _f(None, "classifier actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
-    use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    max_actors: int | None = _f(None, "classifier actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
+    use_gpu: str = _f("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per classifier actor")
     limit: int | None = _f(None, "predict only the first N images")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
-    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
+    overwrite: bool = _f(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
     evaluate: bool = _f(True, "compute the mAP of the predictions when the dataset has ground truth")
+    rows_per_file: int = _f(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
     smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) on CPU")
 
     def validate(self) -> "PredictConfig":
@@ -70,7 +75,7 @@ class PredictConfig:
                 raise ConfigError(name, "is required")
         if self.format not in FORMATS:
             raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
-        for name in ("batch_size", "decode_batch_size", "min_actors"):
+        for name in ("batch_size", "decode_batch_size", "min_actors", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.min_actors:
@@ -145,10 +150,13 @@ class Predictor:
 
 @dataclass(frozen=True)
 class PredictSummary:
-    """What a prediction run did. ``map`` is the mAP (%) against the dataset's ground truth, when it has one."""
+    """What a prediction run did (``predicted`` and ``errors``: this run; ``already_done``: earlier runs into the same
+    output). ``map`` is the mAP (%) of every prediction in the output against the dataset's ground truth, when it has
+    one."""
 
     output: str
     images: int
+    already_done: int
     predicted: int
     errors: int
     classes: int
@@ -160,7 +168,9 @@ class PredictSummary:
         lines = [
             "CDUL prediction finished",
             f"  images in      {self.images}",
-            f"  predicted      {self.predicted}",
+            f"  already done   {self.already_done}" + ("  (earlier runs into this output; skipped)"
+                                                        if self.already_done else ""),
+            f"  predicted now  {self.predicted}",
             f"  errors         {self.errors}" + (f"  (see {storage.join(self.output, schema.ERRORS_DIR)})"
                                                  if self.errors else ""),
             f"  classes        {self.classes}",
@@ -170,6 +180,10 @@ class PredictSummary:
         if self.map is not None:
             lines.append(f"  mAP            {self.map:.2f}")
         return "\n".join(lines)
+
+
+# Fields that define a prediction run's values: a run into an output made by another classifier is refused.
+PREDICT_DEFINING_FIELDS = ("checkpoint", "classes")
 
 
 def _index(cfg: PredictConfig, classes: list[str], endpoint: str | None):
@@ -187,7 +201,8 @@ def _map(predictions: pa.Table, records: pa.Table, num_classes: int) -> float | 
     from cdul_ray.core.metrics import mean_average_precision, multi_hot
 
     gt = dict(zip(records["image_id"].to_pylist(), records["gt_labels"].to_pylist()))
-    ids = predictions["image_id"].to_pylist()
+    predictions = predictions.filter(pa.compute.is_in(predictions["image_id"], value_set=records["image_id"]))
+    ids = predictions["image_id"].to_pylist()  # earlier runs into the output may hold images no longer indexed
     if not ids:
         return None
     probs = np.asarray(predictions["probabilities"].to_pylist(), dtype=np.float32)  # (N, C)
@@ -201,11 +216,10 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     Fails fast (before any Ray work) on the config, the classifier files, the dataset index and the output directory.
 
     Raises:
-        ConfigError, FileNotFoundError, OutputExistsError (cdul_ray.pipeline).
+        ConfigError, FileNotFoundError, OutputExistsError (cdul_ray.batch_inference).
     """
     import ray
 
-    from cdul_ray.pipeline import _check_output, _fs_path, _resources, _select_errors, _select_labels
     from cdul_ray.train import absolute_uri, decode_resized, resolve_model_dir
 
     cfg = cfg.validate().effective()
@@ -221,56 +235,33 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     meta = storage.read_json(storage.join(model_dir, "model.json"), endpoint)
     classes = list(meta["classes"])
     index = _index(cfg, classes, endpoint)
-    _check_output(cfg)
+    run_config = {"kind": "predict", **cfg.to_dict(), "classes": classes}
+    prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, PREDICT_DEFINING_FIELDS, "predict")
     n_images = len(index)
     logger.info("%d images, classifier %s (%s, %d classes)", n_images, model_dir, meta["backbone"], len(classes))
 
     if not ray.is_initialized():
         ray.init()
-    import ray.data
-
-    use_gpu, min_actors, max_actors = _resources(cfg)
+    use_gpu, min_actors, max_actors = actor_pool(cfg)
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes}, endpoint)
-    storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
+    storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    records = index.records.select(["image_id", "uri"])
-    n_blocks = max(1, min(n_images // cfg.decode_batch_size, 2000))
-    ds = ray.data.from_arrow(records).repartition(n_blocks)
-    ds = ds.map_batches(decode_resized,
-                        fn_kwargs={"image_size": int(meta["image_size"]), "endpoint_override": endpoint},
-                        batch_size=cfg.decode_batch_size, num_cpus=1)
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model_dir": model_dir, "endpoint_override": endpoint},
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=cfg.cpus_per_actor,
-    )
-    scored = ds.materialize()
-
-    fs, out_path = storage.filesystem(cfg.output, endpoint)
-    predictions = scored.map_batches(_select_labels, batch_format="pyarrow", batch_size=None)
-    errors = scored.map_batches(_select_errors, batch_format="pyarrow", batch_size=None)
-    predictions.write_parquet(_fs_path(out_path, PREDICTIONS_DIR), filesystem=fs)
-    n_errors = errors.count()
-    if n_errors:
-        errors.write_parquet(_fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
-    else:  # an empty errors table keeps the layout fixed for readers
-        import pyarrow.parquet as pq
-
-        fs.create_dir(_fs_path(out_path, schema.ERRORS_DIR), recursive=True)
-        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), _fs_path(out_path, schema.ERRORS_DIR, "empty.parquet"),
-                       filesystem=fs)
-    n_predicted = n_images - n_errors
+    decode = Stage(decode_resized, cfg.decode_batch_size,
+                   {"image_size": int(meta["image_size"]), "endpoint_override": endpoint})
+    classify = Stage(Predictor, cfg.batch_size, {"model_dir": model_dir, "endpoint_override": endpoint},
+                     num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
+    written = stream_to_parquet(index.records, cfg.output, endpoint, PREDICTIONS_DIR, (decode, classify),
+                                cfg.rows_per_file)
 
     map_value = None
-    if cfg.evaluate and index.has_ground_truth and n_predicted:
-        table = pa.concat_tables(ray.get(predictions.select_columns(["image_id", "probabilities"]).to_arrow_refs()))
+    if cfg.evaluate and index.has_ground_truth and count_rows(cfg.output, endpoint, PREDICTIONS_DIR):
+        fs, path = storage.filesystem(storage.join(cfg.output, PREDICTIONS_DIR), endpoint)
+        table = pq.read_table(path, filesystem=fs, columns=["image_id", "probabilities"])
         map_value = _map(table, index.records, len(classes))
     seconds = time.time() - start
-    summary = PredictSummary(output=cfg.output, images=n_images, predicted=n_predicted, errors=n_errors,
-                             classes=len(classes), seconds=seconds,
-                             images_per_second=n_images / seconds if seconds else 0.0, map=map_value)
+    summary = PredictSummary(output=cfg.output, images=n_images, already_done=n_images - written.results - written.errors,
+                             predicted=written.results, errors=written.errors, classes=len(classes), seconds=seconds,
+                             images_per_second=(written.results + written.errors) / seconds if seconds else 0.0,
+                             map=map_value)
     storage.write_json(storage.join(cfg.output, schema.SUMMARY_FILE), dataclasses.asdict(summary), endpoint)
     return summary
