@@ -2,8 +2,9 @@
 
 Plan (a single Ray Data read -> map -> write, the shape Ray Data checkpointing needs)::
 
-    <output>/_index/*.parquet       the corpus index of this run (image_id, uri, gt_labels), rewritten each run
-      -> read_parquet, filtered by Ray Data's checkpoint (ids already written by an earlier run are dropped)
+    <output>/_index/*.parquet       what this run still has to do: the corpus index (image_id, uri, gt_labels) less
+                                    the ids committed by earlier runs; rewritten each run
+      -> read_parquet
       -> map_batches(decode stage)                  CPU tasks: bytes -> pixels, error rows for unreadable images
       -> map_batches(model actor, ActorPoolStrategy) GPU/CPU actors: pixels -> scores (+ error_stage/error_reason)
       -> ResultDatasink                              one file per write task, split into <results>/ and errors/
@@ -14,9 +15,10 @@ Guarantees (Ray Data checkpointing, ``ray.data.checkpoint``, beta in Ray 2.60; r
 - *Streaming*: rows reach storage while the job runs (no ``materialize()``); a write task buffers at least
   ``rows_per_file`` rows, so that is what a kill can lose.
 - *Exactly once*: each write task first writes a *pending* checkpoint (its image ids) named after its data file, then
-  the data files, then renames the checkpoint to committed. A run that starts finds pending checkpoints of a killed
-  run, deletes their data files in ``<results>/`` and ``errors/`` (:class:`ResultCheckpointManager`) and then skips
-  every committed id. Every image therefore ends exactly once in ``<results>/`` or ``errors/``.
+  the data files, then renames the checkpoint to committed (Ray's two-phase commit for file sinks). A run that starts
+  skips every committed id, and finds the pending checkpoints of a killed run and deletes their data files in
+  ``<results>/`` and ``errors/`` (``ResultCheckpointManager``). Every image therefore ends exactly once in
+  ``<results>/`` or ``errors/``, given unique ``image_id`` values (the dataset readers check them).
 - *Incremental*: the checkpoint is kept after success, so a later run over a grown corpus labels only new ids.
 
 Errors: an unreadable image is an error row (``errors/``), never a failed job.

@@ -69,7 +69,7 @@ class LabelConfig:
     rows_per_file: int = _f(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
     cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
-    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
+    overwrite: bool = _f(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
     evaluate: bool = _f(True, "compute the pseudo-label mAP table when the dataset has ground truth")
     smoke_test: bool = _f(
         False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU (synthetic scenes if no dataset)"

@@ -96,15 +96,6 @@ def test_one_and_two_actors_give_identical_labels(labeled, coco_dataset, tiny_cl
         np.testing.assert_allclose(_vectors(t1, col), _vectors(t2, col), atol=1e-5, rtol=1e-5)
 
 
-def test_existing_output_is_refused_without_overwrite(labeled, coco_dataset, tiny_clip):
-    from cdul_ray.pipeline import OutputExistsError
-
-    out, _, _ = labeled
-    root, _ = coco_dataset
-    with pytest.raises(OutputExistsError, match="`output`"):
-        run_labeling(_cfg(root, out, tiny_clip))
-
-
 def test_cdul_evaluate_re_evaluates_from_parquet_alone(labeled, capsys):
     from cdul_ray.cli import main
 
