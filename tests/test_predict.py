@@ -136,3 +136,26 @@ def test_fails_fast_on_missing_checkpoint_and_existing_output(images, trained, t
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_prediction(PredictConfig(checkpoint=str(out), dataset=str(root / "folder"), output=str(tmp_path / "busy")))
     assert not (tmp_path / "o").exists()
+
+
+def test_rerun_predicts_only_new_images_and_refuses_another_classifier(ray_cluster, trained, images, tmp_path):
+    from cdul_ray.batch_inference import OutputExistsError
+
+    out, _ = trained
+    root, _ = images
+    folder = tmp_path / "photos"
+    shutil.copytree(root / "folder", folder)
+    cfg = PredictConfig(checkpoint=str(out), dataset=str(folder), output=str(tmp_path / "p"), batch_size=4,
+                        decode_batch_size=3, rows_per_file=3)
+    first = run_prediction(cfg)
+    assert (first.already_done, first.predicted, first.errors) == (0, 9, 1)
+    new = folder / "new.jpg"
+    shutil.copy(sorted(folder.glob("*.jpg"))[0], new)
+    second = run_prediction(cfg)
+    assert (second.images, second.already_done, second.predicted, second.errors) == (11, 10, 1, 0)
+    ids = pq.read_table(tmp_path / "p" / PREDICTIONS_DIR)["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 10 and "new.jpg" in ids
+    other = tmp_path / "other"
+    _save(other / "model", seed=7)
+    with pytest.raises(OutputExistsError, match="different checkpoint"):
+        run_prediction(PredictConfig(checkpoint=str(other), dataset=str(folder), output=str(tmp_path / "p")))

@@ -150,7 +150,8 @@ def test_s3_prefix_without_ground_truth_resumes_incrementally(ray_cluster, s3_en
     second = run_labeling(cfg)
     assert (second.already_done, second.labeled, second.errors) == (12, 2, 0)
 
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="photos", Prefix="runs/r1/labels/")["Contents"]]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="photos", Prefix="runs/r1/labels/")["Contents"]
+            if o["Key"].endswith(".parquet")]
     ids = [i for k in keys for i in pq.read_table(io.BytesIO(client.get_object(Bucket="photos", Key=k)["Body"].read()),
                                                   columns=["image_id"])["image_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == 13
