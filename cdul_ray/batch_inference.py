@@ -268,6 +268,9 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
     for i, start in enumerate(range(0, records.num_rows, step)):
         pq.write_table(records.slice(start, step), posixpath.join(index_dir, f"part-{i:06d}.parquet"), filesystem=fs)
 
+    if not records.num_rows:
+        return StreamResult(0, 0)
+
     run_id = uuid.uuid4().hex[:12]
     ctx = ray.data.DataContext.get_current()
     saved = ctx.checkpoint_config, ctx.use_datasource_v2
@@ -280,29 +283,36 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
     )
     ctx.use_datasource_v2 = False  # 2.60's V2 Parquet reader merges small files into one block: nothing would stream
     try:
-        if not records.num_rows:
-            return StreamResult(0, 0)
         ds = ray.data.read_parquet(index_dir, filesystem=fs)
         # index files hold `rows_per_file` rows (few files on S3); decode tasks take small blocks (parallelism)
         ds = ds.repartition(target_num_rows_per_block=stages[0].batch_size)
         for stage in stages:
-            compute = ray.data.ActorPoolStrategy(min_size=stage.actors[0], max_size=stage.actors[1]) \
-                if stage.actors else None
-            ctor, call = ({"fn_constructor_kwargs": stage.kwargs}, {}) if stage.actors else ({}, {"fn_kwargs": stage.kwargs})
+            if stage.actors:
+                kw = {"compute": ray.data.ActorPoolStrategy(min_size=stage.actors[0], max_size=stage.actors[1]),
+                      "fn_constructor_kwargs": stage.kwargs}
+            else:
+                kw = {"fn_kwargs": stage.kwargs}
             ds = ds.map_batches(stage.fn, batch_size=stage.batch_size, num_cpus=stage.num_cpus,
-                                num_gpus=stage.num_gpus, compute=compute, **ctor, **call)
+                                num_gpus=stage.num_gpus, **kw)
         sink = _result_datasink_cls()(out_path, results_dir, run_id, rows_per_file, fs)
         ds.write_datasink(sink)
     finally:
         ctx.checkpoint_config, ctx.use_datasource_v2 = saved
+    errors_dir = posixpath.join(out_path, schema.ERRORS_DIR)
+    if not _parquet_files(fs, errors_dir):  # an empty errors table keeps the layout fixed for readers
+        fs.create_dir(errors_dir, recursive=True)
+        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), posixpath.join(errors_dir, "empty.parquet"), filesystem=fs)
     return StreamResult(_count(fs, posixpath.join(out_path, results_dir), run_id),
                         _count(fs, posixpath.join(out_path, schema.ERRORS_DIR), run_id))
 
 
-def _count(fs: Any, directory: str, prefix: str | None = None) -> int:
-    files = [f.path for f in fs.get_file_info(FileSelector(directory, allow_not_found=True))
-             if f.type == FileType.File and f.path.endswith(".parquet")
-             and (prefix is None or posixpath.basename(f.path).startswith(prefix))]
+def _parquet_files(fs: Any, directory: str, prefix: str = "") -> list[str]:
+    return [f.path for f in fs.get_file_info(FileSelector(directory, allow_not_found=True))
+            if f.type == FileType.File and f.path.endswith(".parquet") and posixpath.basename(f.path).startswith(prefix)]
+
+
+def _count(fs: Any, directory: str, prefix: str = "") -> int:
+    files = _parquet_files(fs, directory, prefix)
     return pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
 
 
