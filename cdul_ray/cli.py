@@ -35,11 +35,11 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cdul_ray import storage
+    from cdul_ray import schema, storage
     from cdul_ray.evaluate import evaluate_labels, render_table
 
     threshold = args.threshold
-    run_config = storage.join(args.output, "run_config.json")
+    run_config = storage.join(args.output, schema.RUN_CONFIG_FILE)
     if not storage.exists(run_config, args.s3_endpoint):
         raise config_mod.ConfigError("output", f"no labeling run at {args.output} (no run_config.json there); pass "
                                                "the --output directory of a `cdul label` run")

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its ``--help`` text (``metadata["help"]``); list/tuple defaults become tuple factories."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -46,31 +47,31 @@ DEFAULT_THRESHOLD = 0.1
 class LabelConfig:
     """Config of the labeling job (global + local alignment, aggregator, initial soft pseudo labels)."""
 
-    dataset: str = _f("", "dataset root or manifest: local path or s3:// URI", required=True)
-    output: str = _f("", "output directory: local path or s3:// URI", required=True)
-    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
-    split: str | None = _f(None, "dataset split, e.g. train2014, val2017, trainval, train")
-    classes_file: str | None = _f(None, "class vocabulary (one class per line), overrides the dataset's classes")
-    model: str = _f("RN50x64", "open_clip model name, registered cdul-ray config, or local-dir:/path")
-    pretrained: str = _f("openai", "open_clip tag, bundled tag, local weights file, s3:// URI, or none")
-    templates: tuple[str, ...] = _f(DEFAULT_TEMPLATES, "prompt templates with one {} each (averaged per class)")
-    grid: int = _f(3, "snippet grid side K (K*K snippets per image)")
-    aggregator: str = _f("cdul", "global-local aggregator for the soft label: cdul, max, avg")
-    threshold: float = _f(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
-    lam: float = _f(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
-    batch_size: int = _f(16, "images per CLIP batch (each image is 1 + K*K views)")
-    decode_batch_size: int = _f(16, "images per CPU decode/snippet task")
-    min_actors: int = _f(1, "CLIP actor pool: minimum size")
-    max_actors: int | None = _f(None, "CLIP actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
-    use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
-    cpus_per_actor: float = _f(1.0, "CPUs reserved per CLIP actor")
-    precision: str = _f("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
-    limit: int | None = _f(None, "label only the first N images of the dataset")
-    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
-    cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
-    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
-    evaluate: bool = _f(True, "compute the pseudo-label mAP table when the dataset has ground truth")
-    smoke_test: bool = _f(
+    dataset: str = option("", "dataset root or manifest: local path or s3:// URI", required=True)
+    output: str = option("", "output directory: local path or s3:// URI", required=True)
+    format: str = option("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = option(None, "dataset split, e.g. train2014, val2017, trainval, train")
+    classes_file: str | None = option(None, "class vocabulary (one class per line), overrides the dataset's classes")
+    model: str = option("RN50x64", "open_clip model name, registered cdul-ray config, or local-dir:/path")
+    pretrained: str = option("openai", "open_clip tag, bundled tag, local weights file, s3:// URI, or none")
+    templates: tuple[str, ...] = option(DEFAULT_TEMPLATES, "prompt templates with one {} each (averaged per class)")
+    grid: int = option(3, "snippet grid side K (K*K snippets per image)")
+    aggregator: str = option("cdul", "global-local aggregator for the soft label: cdul, max, avg")
+    threshold: float = option(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
+    lam: float = option(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
+    batch_size: int = option(16, "images per CLIP batch (each image is 1 + K*K views)")
+    decode_batch_size: int = option(16, "images per CPU decode/snippet task")
+    min_actors: int = option(1, "CLIP actor pool: minimum size")
+    max_actors: int | None = option(None, "CLIP actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
+    use_gpu: str = option("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per CLIP actor")
+    precision: str = option("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
+    limit: int | None = option(None, "label only the first N images of the dataset")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    cache_dir: str = option("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
+    overwrite: bool = option(False, "replace an existing output directory instead of failing")
+    evaluate: bool = option(True, "compute the pseudo-label mAP table when the dataset has ground truth")
+    smoke_test: bool = option(
         False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU (synthetic scenes if no dataset)"
     )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import time
@@ -52,19 +51,14 @@ def _geometric(preprocess_json: str):
 
 def _read_and_cut(uri: str, geometric, grid: int, endpoint: str | None) -> tuple[np.ndarray | None, int, int, str, str]:
     """One image -> (views [1+S, 3, H, W] uint8 or None, width, height, error stage, error reason)."""
-    from PIL import Image
-
     from cdul_ray.core.views import make_views
 
+    im, stage, reason = storage.read_image(uri, endpoint)  # the decode shared with training and prediction
+    if im is None:
+        return None, 0, 0, stage, reason
     try:
-        data = storage.read_bytes(uri, endpoint)
-    except Exception as e:  # missing file, permission, network: recorded, not fatal
-        return None, 0, 0, "read", f"{type(e).__name__}: {e}"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return make_views(im, geometric, grid), im.width, im.height, "", ""
-    except Exception as e:  # truncated/corrupt/unsupported image, image smaller than the grid
+        return make_views(im, geometric, grid), im.width, im.height, "", ""
+    except Exception as e:  # image smaller than the grid
         return None, 0, 0, "decode", f"{type(e).__name__}: {e}"
 
 
@@ -179,11 +173,11 @@ class ClipScorer:
         return pa.table(cols, schema=self.out_schema)
 
 
-def _select_labels(table: pa.Table) -> pa.Table:
+def select_labels(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table["error_stage"], "")).drop_columns(list(_ERROR_COLS))
 
 
-def _select_errors(table: pa.Table) -> pa.Table:
+def select_errors(table: pa.Table) -> pa.Table:
     bad = table.filter(pc.not_equal(table["error_stage"], ""))
     return pa.table(
         {"image_id": bad["image_id"], "uri": bad["uri"], "stage": bad["error_stage"], "reason": bad["error_reason"]},
@@ -223,7 +217,7 @@ class LabelSummary:
         return "\n".join(lines)
 
 
-def _check_output(cfg: LabelConfig) -> None:
+def check_output(cfg: LabelConfig) -> None:
     fs, path = storage.filesystem(cfg.output, cfg.s3_endpoint)
     from pyarrow.fs import FileSelector, FileType
 
@@ -238,7 +232,7 @@ def _check_output(cfg: LabelConfig) -> None:
         raise OutputExistsError(
             f"config field `output`: {cfg.output} is not empty; pass --overwrite to replace it or choose another output"
         )
-    if fs.get_file_info(_fs_path(path, schema.RUN_CONFIG_FILE)).type == FileType.NotFound:
+    if fs.get_file_info(storage.fs_path(path, schema.RUN_CONFIG_FILE)).type == FileType.NotFound:
         # --overwrite only ever replaces a labeling run, never an arbitrary directory (`--output ~ --overwrite`)
         raise OutputExistsError(
             f"config field `output`: {cfg.output} is not empty and holds no labeling run ({schema.RUN_CONFIG_FILE}); "
@@ -247,7 +241,7 @@ def _check_output(cfg: LabelConfig) -> None:
     fs.delete_dir_contents(path)
 
 
-def _resources(cfg: LabelConfig) -> tuple[bool, int, int]:
+def actor_resources(cfg: LabelConfig) -> tuple[bool, int, int]:
     """(use GPU, min actors, max actors) from the config and the cluster's resources."""
     import ray
 
@@ -284,14 +278,14 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
     cfg = dataclasses.replace(cfg, s3_endpoint=endpoint)
     index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit)
-    _check_output(cfg)  # before resolving weights: a hub download can take minutes
+    check_output(cfg)  # before resolving weights: a hub download can take minutes
     spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
     n_images = index.records.num_rows
     logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(index.classes), cfg.model, cfg.pretrained, spec.kind)
 
     if not ray.is_initialized():
         ray.init()
-    use_gpu, min_actors, max_actors = _resources(cfg)
+    use_gpu, min_actors, max_actors = actor_resources(cfg)
     classes = list(index.classes)
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
@@ -329,17 +323,17 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     scored = ds.materialize()
 
     fs, out_path = storage.filesystem(cfg.output, endpoint)
-    labels = scored.map_batches(_select_labels, batch_format="pyarrow", batch_size=None)
-    errors = scored.map_batches(_select_errors, batch_format="pyarrow", batch_size=None)
-    labels.write_parquet(_fs_path(out_path, schema.LABELS_DIR), filesystem=fs)
+    labels = scored.map_batches(select_labels, batch_format="pyarrow", batch_size=None)
+    errors = scored.map_batches(select_errors, batch_format="pyarrow", batch_size=None)
+    labels.write_parquet(storage.fs_path(out_path, schema.LABELS_DIR), filesystem=fs)
     n_errors = errors.count()
     if n_errors:
-        errors.write_parquet(_fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
+        errors.write_parquet(storage.fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
     else:  # an empty errors table keeps the layout fixed for readers
         import pyarrow.parquet as pq
 
-        fs.create_dir(_fs_path(out_path, schema.ERRORS_DIR), recursive=True)
-        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), _fs_path(out_path, schema.ERRORS_DIR, "empty.parquet"), filesystem=fs)
+        fs.create_dir(storage.fs_path(out_path, schema.ERRORS_DIR), recursive=True)
+        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), storage.fs_path(out_path, schema.ERRORS_DIR, schema.EMPTY_ERRORS_FILE), filesystem=fs)
     n_labeled = n_images - n_errors
 
     evaluation = None
@@ -358,7 +352,3 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     )
     storage.write_json(storage.join(cfg.output, schema.SUMMARY_FILE), dataclasses.asdict(summary), endpoint)
     return summary
-
-
-def _fs_path(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])

@@ -1,7 +1,7 @@
 """Batch inference with a trained CDUL classifier on Ray Data (paper §3.3: inference uses the classifier alone).
 
 Stages: index (any reader of :mod:`cdul_ray.datasets`: folder / S3 prefix / manifest / COCO / VOC / NUS-WIDE) ->
-CPU decode + resize tasks (:func:`cdul_ray.train.decode_resized`) -> a ``Predictor`` actor pool (``map_batches``
+CPU decode + resize tasks (:func:`cdul_ray.classifier.decode_resized`) -> a ``Predictor`` actor pool (``map_batches``
 with ``ActorPoolStrategy``, one GPU per actor on GPU clusters) -> Parquet.
 
 Output directory (local path or ``s3://`` URI)::
@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +28,10 @@ import numpy as np
 import pyarrow as pa
 
 from cdul_ray import schema, storage
-from cdul_ray.config import ConfigError, _f, to_dict
+from cdul_ray.config import ConfigError, option, to_dict
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_DIR = "predictions"
 SMOKE_IMAGES = 8
 
 
@@ -42,24 +39,24 @@ SMOKE_IMAGES = 8
 class PredictConfig:
     """Config of the batch prediction job."""
 
-    checkpoint: str = _f("", "trained classifier: a training output dir, its model/ dir, or a checkpoint dir "
+    checkpoint: str = option("", "trained classifier: a training output dir, its model/ dir, or a checkpoint dir "
                              "(local or s3://)", required=True)
-    dataset: str = _f("", "images to label: folder, s3:// prefix, manifest (.parquet/.csv) or dataset root",
+    dataset: str = option("", "images to label: folder, s3:// prefix, manifest (.parquet/.csv) or dataset root",
                       required=True)
-    output: str = _f("", "output directory: local path or s3:// URI", required=True)
-    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
-    split: str | None = _f(None, "dataset split (coco/voc/nuswide)")
-    batch_size: int = _f(64, "images per classifier batch")
-    decode_batch_size: int = _f(16, "images per CPU decode/resize task")
-    min_actors: int = _f(1, "classifier actor pool: minimum size")
-    max_actors: int | None = _f(None, "classifier actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
-    use_gpu: str = _f("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
-    cpus_per_actor: float = _f(1.0, "CPUs reserved per classifier actor")
-    limit: int | None = _f(None, "predict only the first N images")
-    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
-    overwrite: bool = _f(False, "replace an existing output directory instead of failing")
-    evaluate: bool = _f(True, "compute the mAP of the predictions when the dataset has ground truth")
-    smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) on CPU")
+    output: str = option("", "output directory: local path or s3:// URI", required=True)
+    format: str = option("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = option(None, "dataset split (coco/voc/nuswide)")
+    batch_size: int = option(64, "images per classifier batch")
+    decode_batch_size: int = option(16, "images per CPU decode/resize task")
+    min_actors: int = option(1, "classifier actor pool: minimum size")
+    max_actors: int | None = option(None, "classifier actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
+    use_gpu: str = option("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per classifier actor")
+    limit: int | None = option(None, "predict only the first N images")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    overwrite: bool = option(False, "replace an existing output directory instead of failing")
+    evaluate: bool = option(True, "compute the mAP of the predictions when the dataset has ground truth")
+    smoke_test: bool = option(False, f"a few images ({SMOKE_IMAGES}) on CPU")
 
     def validate(self) -> "PredictConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
@@ -105,7 +102,7 @@ class Predictor:
     def __init__(self, model_dir: str, endpoint_override: str | None):
         import torch
 
-        from cdul_ray.train import load_model_dir
+        from cdul_ray.classifier import load_model_dir
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +114,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
         from cdul_ray.core.label_update import predict_proba
-        from cdul_ray.train import model_input
+        from cdul_ray.classifier import model_input
 
         c = self.num_classes
         stage = np.array([str(s) for s in batch["error_stage"]], dtype=object)
@@ -131,7 +128,7 @@ class Predictor:
             finite = np.isfinite(out).all(axis=1)
             probs[ok] = np.nan_to_num(out)
             bad = np.flatnonzero(ok)[~finite]
-            stage[bad] = "predict"
+            stage[bad] = schema.PREDICT_STAGE
             reason[bad] = "non-finite classifier output (NaN/inf)"
         vec = pa.list_(pa.float32(), c)
         return pa.table({
@@ -165,7 +162,7 @@ class PredictSummary:
                                                  if self.errors else ""),
             f"  classes        {self.classes}",
             f"  wall time      {self.seconds:.1f} s  ({self.images_per_second:.2f} images/s)",
-            f"  predictions    {storage.join(self.output, PREDICTIONS_DIR)}",
+            f"  predictions    {storage.join(self.output, schema.PREDICTIONS_DIR)}",
         ]
         if self.map is not None:
             lines.append(f"  mAP            {self.map:.2f}")
@@ -176,11 +173,7 @@ def _index(cfg: PredictConfig, classes: list[str], endpoint: str | None):
     """The dataset indexed with the classifier's classes as vocabulary (ground truth, if any, remapped by name)."""
     from cdul_ray.datasets import load_dataset
 
-    with tempfile.TemporaryDirectory() as folder:
-        vocab = os.path.join(folder, "classes.txt")
-        with open(vocab, "w") as f:
-            f.write("\n".join(classes) + "\n")
-        return load_dataset(cfg.dataset, cfg.format, cfg.split, vocab, endpoint, cfg.limit)
+    return load_dataset(cfg.dataset, cfg.format, cfg.split, classes, endpoint, cfg.limit)
 
 
 def _map(predictions: pa.Table, records: pa.Table, num_classes: int) -> float | None:
@@ -205,8 +198,9 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     """
     import ray
 
-    from cdul_ray.pipeline import _check_output, _fs_path, _resources, _select_errors, _select_labels
-    from cdul_ray.train import absolute_uri, decode_resized, resolve_model_dir
+    from cdul_ray.classifier import decode_resized, resolve_model_dir
+    from cdul_ray.pipeline import actor_resources, check_output, select_errors, select_labels
+    from cdul_ray.storage import absolute_uri
 
     cfg = cfg.validate().effective()
     start = time.time()
@@ -218,10 +212,10 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
         model_dir = resolve_model_dir(cfg.checkpoint, endpoint)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config field `checkpoint`: {e}") from e
-    meta = storage.read_json(storage.join(model_dir, "model.json"), endpoint)
+    meta = storage.read_json(storage.join(model_dir, schema.MODEL_META), endpoint)
     classes = list(meta["classes"])
     index = _index(cfg, classes, endpoint)
-    _check_output(cfg)
+    check_output(cfg)
     n_images = len(index)
     logger.info("%d images, classifier %s (%s, %d classes)", n_images, model_dir, meta["backbone"], len(classes))
 
@@ -229,7 +223,7 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
         ray.init()
     import ray.data
 
-    use_gpu, min_actors, max_actors = _resources(cfg)
+    use_gpu, min_actors, max_actors = actor_resources(cfg)
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
 
@@ -250,17 +244,17 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     scored = ds.materialize()
 
     fs, out_path = storage.filesystem(cfg.output, endpoint)
-    predictions = scored.map_batches(_select_labels, batch_format="pyarrow", batch_size=None)
-    errors = scored.map_batches(_select_errors, batch_format="pyarrow", batch_size=None)
-    predictions.write_parquet(_fs_path(out_path, PREDICTIONS_DIR), filesystem=fs)
+    predictions = scored.map_batches(select_labels, batch_format="pyarrow", batch_size=None)
+    errors = scored.map_batches(select_errors, batch_format="pyarrow", batch_size=None)
+    predictions.write_parquet(storage.fs_path(out_path, schema.PREDICTIONS_DIR), filesystem=fs)
     n_errors = errors.count()
     if n_errors:
-        errors.write_parquet(_fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
+        errors.write_parquet(storage.fs_path(out_path, schema.ERRORS_DIR), filesystem=fs)
     else:  # an empty errors table keeps the layout fixed for readers
         import pyarrow.parquet as pq
 
-        fs.create_dir(_fs_path(out_path, schema.ERRORS_DIR), recursive=True)
-        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), _fs_path(out_path, schema.ERRORS_DIR, "empty.parquet"),
+        fs.create_dir(storage.fs_path(out_path, schema.ERRORS_DIR), recursive=True)
+        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), storage.fs_path(out_path, schema.ERRORS_DIR, schema.EMPTY_ERRORS_FILE),
                        filesystem=fs)
     n_predicted = n_images - n_errors
 

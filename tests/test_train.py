@@ -21,14 +21,9 @@ import torch
 from cdul_ray import schema
 from cdul_ray.config import ConfigError, LabelConfig
 from cdul_ray.pipeline import run_labeling
-from cdul_ray.train import (
-    CRASH_ENV,
-    TrainConfig,
-    label_matrix,
-    read_history,
-    read_label_version,
-    run_training,
-)
+from cdul_ray.train import TrainConfig, run_training
+from cdul_ray.train.labels import label_matrix, read_history, read_label_version
+from cdul_ray.train.worker import CRASH_ENV
 from tests.helpers import CLASSES, write_coco_shapes
 from tests.s3_fixtures import make_bucket, s3_env, upload_dir  # noqa: F401
 
@@ -327,8 +322,8 @@ def test_existing_output_resumes_only_the_same_run(run_1w, shapes, planted, tmp_
 def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch):
     import timm
 
-    from cdul_ray import train
-    from cdul_ray.train import BackboneWeightsError, create_classifier, resolve_backbone_weights
+    from cdul_ray import classifier
+    from cdul_ray.classifier import BackboneWeightsError, create_classifier, resolve_backbone_weights
 
     torch.manual_seed(3)
     reference = timm.create_model("test_resnet", num_classes=0)
@@ -340,8 +335,8 @@ def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
 
-    monkeypatch.setattr(train, "_hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(train, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(classifier, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(classifier, "_cached_hub_file", lambda hub_id: None)
     source, note = resolve_backbone_weights("resnet18", "auto")
     assert source is None and "random init" in note and "unreachable" in note
     with pytest.raises(BackboneWeightsError, match="--pretrained-backbone"):
@@ -352,7 +347,7 @@ def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch
 
 
 def test_classifier_cam_averages_to_the_logits():
-    from cdul_ray.train import create_classifier
+    from cdul_ray.classifier import create_classifier
 
     torch.manual_seed(0)
     model = create_classifier("test_resnet", 4).eval()
@@ -365,7 +360,7 @@ def test_classifier_cam_averages_to_the_logits():
 
 
 def test_open_clip_resnet_trunk_backbone_and_frozen_training():
-    from cdul_ray.train import check_backbone, create_classifier
+    from cdul_ray.classifier import check_backbone, create_classifier
 
     check_backbone("open_clip:RN50")
     with pytest.raises(ConfigError) as e:
@@ -405,7 +400,7 @@ def test_cli_builds_train_and_predict_configs_without_importing_ray_train():
 
 def test_bundled_clip_timm_tower_as_frozen_backbone():
     """``open_clip:cdul-synth-rn`` (a timm tower inside open_clip) gives the trunk's spatial features and exact CAMs."""
-    from cdul_ray.train import check_backbone, create_classifier
+    from cdul_ray.classifier import check_backbone, create_classifier
 
     check_backbone("open_clip:cdul-synth-rn")
     torch.manual_seed(0)
