@@ -45,13 +45,10 @@ class DemoConfig:
     report: bool = option(True, "write the PNG report next to the labels")
 
     def validate(self) -> "DemoConfig":
-        from cdul_ray.config import ConfigError
+        from cdul_ray.config import ConfigError, check_at_least
 
-        for name in ("train_images", "test_images", "batch_size", "max_actors", "train_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.val_images < 0:
-            raise ConfigError("val_images", f"must be >= 0, got {self.val_images}")
+        check_at_least(self, 1, "train_images", "test_images", "batch_size", "max_actors", "train_epochs")
+        check_at_least(self, 0, "val_images")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
         return self

@@ -28,11 +28,10 @@ import numpy as np
 import pyarrow as pa
 
 from cdul_ray import schema, storage
-from cdul_ray.config import ConfigError, option, to_dict
+from cdul_ray.config import SMOKE_IMAGES, check_actor_pool, check_dataset_input, gpu_option, option, to_dict
 
 logger = logging.getLogger(__name__)
 
-SMOKE_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class PredictConfig:
     decode_batch_size: int = option(16, "images per CPU decode/resize task")
     min_actors: int = option(1, "classifier actor pool: minimum size")
     max_actors: int | None = option(None, "classifier actor pool: maximum size (default: GPUs in the cluster, or 1 on CPU)")
-    use_gpu: str = option("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
+    use_gpu: str = gpu_option("auto", "auto (GPU actors when the cluster has GPUs), true, or false")
     cpus_per_actor: float = option(1.0, "CPUs reserved per classifier actor")
     limit: int | None = option(None, "predict only the first N images")
     s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
@@ -60,24 +59,8 @@ class PredictConfig:
 
     def validate(self) -> "PredictConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
-        from cdul_ray.datasets import FORMATS
-
-        for name in ("checkpoint", "dataset", "output"):
-            if not getattr(self, name):
-                raise ConfigError(name, "is required")
-        if self.format not in FORMATS:
-            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
-        for name in ("batch_size", "decode_batch_size", "min_actors"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_actors is not None and self.max_actors < self.min_actors:
-            raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
-        if self.use_gpu not in ("auto", "true", "false"):
-            raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        check_dataset_input(self, "checkpoint", "dataset", "output")
+        check_actor_pool(self)
         return self
 
     def effective(self) -> "PredictConfig":
@@ -85,7 +68,7 @@ class PredictConfig:
         if not self.smoke_test:
             return self
         return dataclasses.replace(self, limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES), use_gpu="false",
-                                   min_actors=1, max_actors=1, batch_size=min(self.batch_size, 8))
+                                   min_actors=1, max_actors=1, batch_size=min(self.batch_size, 8)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

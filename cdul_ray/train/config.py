@@ -7,7 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from cdul_ray.config import ConfigError, option, to_dict
+from cdul_ray.config import SMOKE_IMAGES, ConfigError, check_at_least, check_choice, check_dataset_input, \
+    check_positive, check_tristate, gpu_option, option, require, to_dict
 from cdul_ray.core.label_update import LOSSES, PSI
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ RESUME_MUTABLE = frozenset(
 )
 
 SMOKE_BACKBONE = "test_resnet"  # timm's ~0.4 M-parameter test ResNet
-SMOKE_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TrainConfig:
     psi: str = option("one", "psi(Y) of the label step: one (psi = 1) or sigmoid_grad (psi = Y(1 - Y))")
     hflip: bool = option(True, "random horizontal flips of training images (seeded per image and epoch)")
     workers: int = option(1, "data-parallel training workers (one GPU each with --use-gpu)")
-    use_gpu: bool = option(False, "one GPU per worker")
+    use_gpu: str = gpu_option("false", "one GPU per worker: true, false, or auto (when the cluster has GPUs)")
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker")
     decode_batch_size: int = option(16, "images per CPU decode/resize task")
     cache_decoded: str = option("auto", "decode + resize once and keep the uint8 images in the Ray object store instead "
@@ -71,47 +71,30 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
-        from cdul_ray.datasets import FORMATS
-
-        for name in ("labels", "dataset", "output"):
-            if not getattr(self, name):
-                raise ConfigError(name, "is required")
-        if self.format not in FORMATS:
-            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
-        if not self.backbone:
-            raise ConfigError("backbone", "is required (a timm model name such as resnet50)")
-        if not self.pretrained_backbone:
-            raise ConfigError("pretrained_backbone", "must be auto, true, false or a weights file")
-        for name, low in (("image_size", 16), ("epochs", 1), ("batch_size", 1), ("label_update_every", 1),
-                          ("workers", 1), ("decode_batch_size", 1), ("keep_checkpoints", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
-        for name in ("label_warmup_epochs", "seed", "cam_images", "weight_decay", "label_lr"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        check_dataset_input(self, "labels", "dataset", "output")
+        require(self, "backbone", "pretrained_backbone")
+        check_at_least(self, 16, "image_size")
+        check_at_least(self, 1, "epochs", "batch_size", "label_update_every", "workers", "decode_batch_size",
+                       "keep_checkpoints")
+        check_at_least(self, 0, "label_warmup_epochs", "seed", "cam_images", "weight_decay", "label_lr")
+        check_positive(self, "lr", "cpus_per_worker")
         if self.batch_size < self.workers:
             raise ConfigError("batch_size", f"the global batch ({self.batch_size}) must be >= workers ({self.workers})")
-        if self.loss not in LOSSES:
-            raise ConfigError("loss", f"{self.loss!r} is not one of {LOSSES}")
-        if self.psi not in PSI:
-            raise ConfigError("psi", f"{self.psi!r} is not one of {PSI}")
-        if not self.cpus_per_worker > 0:
-            raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
-        if self.cache_decoded not in ("auto", "true", "false"):
-            raise ConfigError("cache_decoded", f"must be auto, true or false, got {self.cache_decoded!r}")
-        if self.max_failures < -1:
-            raise ConfigError("max_failures", f"must be >= -1, got {self.max_failures}")
+        check_choice(self, "loss", LOSSES)
+        check_choice(self, "psi", PSI)
+        check_tristate(self, "use_gpu", "cache_decoded")
+        check_at_least(self, -1, "max_failures")
         if self.eval_split is not None and self.eval_split == self.split:
             logger.warning("eval_split == split (%s): the 'held-out' mAP is measured on the training images",
                            self.split)
         return self
 
     def effective(self) -> "TrainConfig":
-        """The config actually run: ``smoke_test`` shrinks it to a few images, a tiny backbone, 2 epochs and CPU."""
+        """The config actually run: ``smoke_test`` shrinks it to a few images, a tiny backbone, 2 epochs and CPU.
+
+        Raises:
+            ConfigError: the shrunk config is invalid (e.g. ``workers`` > the shrunk ``batch_size``).
+        """
         if not self.smoke_test:
             return self
         return dataclasses.replace(
@@ -123,11 +106,11 @@ class TrainConfig:
             batch_size=min(self.batch_size, 8),
             limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES),
             workers=1,
-            use_gpu=False,
+            use_gpu="false",
             label_warmup_epochs=min(self.label_warmup_epochs, 1),
             cam_images=min(self.cam_images, 2),
             decode_batch_size=min(self.decode_batch_size, 8),
-        )
+        ).validate()  # the shrunk config is checked too
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -369,7 +369,7 @@ def fit(plan: TrainingPlan, inputs: WorkerInputs, datasets: dict[str, Any]) -> N
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=inputs.loop_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu == "true",
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=schema.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=fs,
@@ -411,6 +411,9 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
 
     if not ray.is_initialized():
         ray.init()
+    if cfg.use_gpu == "auto":  # resolved once here: every worker sees true or false
+        gpus = ray.cluster_resources().get("GPU", 0)
+        plan.cfg = cfg = dataclasses.replace(cfg, use_gpu="true" if gpus else "false")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1 and not storage.is_s3(cfg.output):
         logger.warning("%d-node cluster but output %s is a local path: every worker writes label versions and rank 0 "

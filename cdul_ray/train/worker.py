@@ -220,7 +220,7 @@ def setup(inputs: WorkerInputs) -> WorkerContext:
 
     model = create_classifier(cfg.backbone, len(inputs.classes), freeze_backbone=cfg.freeze_backbone)
     model.load_state_dict(ray.get(inputs.init_state))
-    if cfg.use_gpu and world > 1 and not cfg.freeze_backbone:
+    if cfg.use_gpu == "true" and world > 1 and not cfg.freeze_backbone:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
