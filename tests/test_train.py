@@ -20,6 +20,8 @@ import torch
 
 from cdul_ray import schema
 from cdul_ray.config import ConfigError, LabelConfig
+from cdul_ray.core.metrics import mean_average_precision, multi_hot
+from cdul_ray.datasets import load_dataset
 from cdul_ray.pipeline import run_labeling
 from cdul_ray.train import TrainConfig, run_training
 from cdul_ray.train.labels import label_matrix, read_history, read_label_version
@@ -83,6 +85,34 @@ def _cfg(labels, dataset, output, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _targets(root, split) -> dict[str, np.ndarray]:
+    """image_id -> multi-hot [C] ground truth of a split of the shapes dataset."""
+    index = load_dataset(str(root), "coco", split, CLASSES)
+    ids = index.records["image_id"].to_pylist()
+    return dict(zip(ids, multi_hot(index.records["gt_labels"].to_pylist(), len(CLASSES))))
+
+
+def _classifier_map(model_dir, root, split) -> float:
+    """mAP (%) of a saved classifier on every readable image of a split, computed here on the driver."""
+    from cdul_ray import storage
+    from cdul_ray.classifier import load_model_dir, model_input, resize_pixels
+    from cdul_ray.core.label_update import predict_proba
+
+    model, meta = load_model_dir(str(model_dir))
+    index = load_dataset(str(root), "coco", split, CLASSES)
+    targets = _targets(root, split)
+    ids, pixels = [], []
+    for image_id, uri in zip(index.records["image_id"].to_pylist(), index.records["uri"].to_pylist()):
+        image, _, _ = storage.read_image(uri)
+        if image is not None:
+            ids.append(image_id)
+            pixels.append(resize_pixels(image, meta["image_size"]))
+    with torch.no_grad():
+        logits = model(model_input(torch.from_numpy(np.stack(pixels)), meta, torch.device("cpu")))
+    probs = predict_proba(logits, meta["loss"]).numpy()
+    return mean_average_precision(probs, np.stack([targets[i] for i in ids])).map
+
+
 def _versions(out, n_versions):
     return [read_label_version(str(out), v) for v in range(n_versions)]
 
@@ -139,8 +169,17 @@ def test_history_cams_errors_and_model_are_written(run_2w, shapes):
     history = read_history(str(out))
     assert [h["epoch"] for h in history] == list(range(EPOCHS + 1))
     assert [h["label_version"] for h in history] == list(range(EPOCHS + 1))
-    assert all(0 <= h["eval_map"] <= 100 for h in history[1:]) and np.isnan(history[0]["eval_map"])
-    assert all(0 <= h["label_map"] <= 100 for h in history)
+    assert np.isnan(history[0]["eval_map"])
+    root, _ = shapes
+    for epoch in (EPOCHS - 1, EPOCHS):  # the two checkpoints kept (keep_checkpoints=2)
+        folder = out / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(epoch)
+        assert history[epoch]["eval_map"] == pytest.approx(_classifier_map(folder, root, "test"), abs=1e-3)
+    train_targets = _targets(root, "train")
+    for h in history:  # the label mAP of every version, measured from the Parquet against the ground truth
+        ids = sorted(train_targets)
+        y = label_matrix(read_label_version(str(out), h["label_version"]), ids, len(CLASSES))
+        expected = mean_average_precision(y, np.stack([train_targets[i] for i in ids])).map
+        assert h["label_map"] == pytest.approx(expected, abs=1e-3)
     assert history[-1]["eval_map"] == pytest.approx(summary.eval_map, abs=1e-3)
     assert all(h["images"] == N_TRAIN - 1 for h in history[1:])  # 2 equal shards
     cams = sorted(p.name for p in (out / "cam").iterdir())
@@ -245,7 +284,7 @@ def test_train_and_predict_with_everything_on_s3(ray_cluster, s3_env, shapes, pl
     upload_dir(client, planted, "cdul", "labeling")
     cfg = _cfg("s3://cdul/labeling", "s3://cdul/shapes", "s3://cdul/runs/t1", epochs=2, s3_endpoint=s3_env)
     summary = run_training(cfg)
-    assert summary.epochs == 2 and summary.images == N_TRAIN and 0 <= summary.eval_map <= 100
+    assert summary.epochs == 2 and summary.images == N_TRAIN
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="cdul", Prefix="runs/t1/")["Contents"]}
     assert {"runs/t1/history.csv", "runs/t1/model/model.pt", "runs/t1/checkpoints/checkpoint_epoch0002/model.pt",
             "runs/t1/errors/labeling.parquet"} <= keys
@@ -395,7 +434,7 @@ def test_cli_builds_train_and_predict_configs_without_importing_ray_train():
             "c = config.from_args(TrainConfig, a).validate(); "
             "print(c.use_gpu, c.workers, c.label_update, c.label_lr, c.backbone, 'ray.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "8", "False", "0.2", "resnet50", "False"]
+    assert out == ["true", "8", "False", "0.2", "resnet50", "False"]
 
 
 def test_bundled_clip_timm_tower_as_frozen_backbone():
