@@ -175,8 +175,9 @@ def test_history_cams_errors_and_model_are_written(run_2w, shapes):
         folder = out / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(epoch)
         assert history[epoch]["eval_map"] == pytest.approx(_classifier_map(folder, root, "test"), abs=1e-3)
     train_targets = _targets(root, "train")
+    ids = sorted(read_label_version(str(out), 0)["image_id"].to_pylist())  # the training images (not the corrupt one)
+    assert len(ids) == N_TRAIN and set(ids) < set(train_targets)
     for h in history:  # the label mAP of every version, measured from the Parquet against the ground truth
-        ids = sorted(train_targets)
         y = label_matrix(read_label_version(str(out), h["label_version"]), ids, len(CLASSES))
         expected = mean_average_precision(y, np.stack([train_targets[i] for i in ids])).map
         assert h["label_map"] == pytest.approx(expected, abs=1e-3)
