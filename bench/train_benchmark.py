@@ -22,13 +22,14 @@ import time
 import numpy as np
 
 from cdul_ray import config as config_mod
-from cdul_ray import storage
-from cdul_ray.train import TrainConfig, read_history, run_training
+from cdul_ray import schema, storage
+from cdul_ray.train import TrainConfig, run_training
+from cdul_ray.train.labels import read_history
 
 
 def _initial_label_map(labels: str, endpoint: str | None) -> dict[str, float]:
     """The labeling run's own Table 1 numbers (train split), if it evaluated itself."""
-    uri = storage.join(labels, "evaluation.json")
+    uri = storage.join(labels, schema.EVALUATION_JSON)
     return storage.read_json(uri, endpoint)["map"] if storage.exists(uri, endpoint) else {}
 
 

@@ -301,7 +301,7 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
     errors_dir = posixpath.join(out_path, schema.ERRORS_DIR)
     if not _parquet_files(fs, errors_dir):  # an empty errors table keeps the layout fixed for readers
         fs.create_dir(errors_dir, recursive=True)
-        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), posixpath.join(errors_dir, "empty.parquet"), filesystem=fs)
+        pq.write_table(schema.ERRORS_SCHEMA.empty_table(), posixpath.join(errors_dir, schema.EMPTY_ERRORS_FILE), filesystem=fs)
     return StreamResult(_count(fs, posixpath.join(out_path, results_dir), run_id),
                         _count(fs, posixpath.join(out_path, schema.ERRORS_DIR), run_id))
 

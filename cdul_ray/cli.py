@@ -8,6 +8,7 @@ names the bad field.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -35,11 +36,11 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cdul_ray import storage
+    from cdul_ray import schema, storage
     from cdul_ray.evaluate import evaluate_labels, render_table
 
     threshold = args.threshold
-    run_config = storage.join(args.output, "run_config.json")
+    run_config = storage.join(args.output, schema.RUN_CONFIG_FILE)
     if not storage.exists(run_config, args.s3_endpoint):
         raise config_mod.ConfigError("output", f"no labeling run at {args.output} (no run_config.json there); pass "
                                                "the --output directory of a `cdul label` run")
@@ -108,43 +109,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Training and batch prediction (cdul_ray.train, cdul_ray.predict; neither module imports Ray at import time).
 
 
-def _train(args: argparse.Namespace) -> int:
-    from cdul_ray.train import TrainConfig, run_training
+def _job_command(module: str, config_name: str, run_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Register a job whose flags are the fields of ``module.config_name`` and whose run is ``module.run_name``
+    (a function of the config returning a summary with ``render()``); the module is imported when the command is
+    built, Ray only when it runs."""
 
-    summary = run_training(config_mod.from_args(TrainConfig, args))
-    print(summary.render())
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        job = importlib.import_module(module)
+        summary = getattr(job, run_name)(config_mod.from_args(getattr(job, config_name), args))
+        print(summary.render())
+        return 0
 
+    def register(parser: argparse.ArgumentParser) -> None:
+        config_mod.add_arguments(parser, getattr(importlib.import_module(module), config_name))
+        parser.set_defaults(func=run)
 
-def _register_train(parser: argparse.ArgumentParser) -> None:
-    from cdul_ray.train import TrainConfig
-
-    config_mod.add_arguments(parser, TrainConfig)
-    parser.set_defaults(func=_train)
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from cdul_ray.predict import PredictConfig, run_prediction
-
-    summary = run_prediction(config_mod.from_args(PredictConfig, args))
-    print(summary.render())
-    return 0
-
-
-def _register_predict(parser: argparse.ArgumentParser) -> None:
-    from cdul_ray.predict import PredictConfig
-
-    config_mod.add_arguments(parser, PredictConfig)
-    parser.set_defaults(func=_predict)
+    return register
 
 
 EXTRA_COMMANDS["train"] = (
     "train a classifier on the soft pseudo labels with gradient-alignment label updates (Ray Train)",
-    _register_train,
+    _job_command("cdul_ray.train", "TrainConfig", "run_training"),
 )
 EXTRA_COMMANDS["predict"] = (
     "batch inference with a trained classifier: per-class probabilities as Parquet (Ray Data)",
-    _register_predict,
+    _job_command("cdul_ray.predict", "PredictConfig", "run_prediction"),
 )
 
 

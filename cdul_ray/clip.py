@@ -60,7 +60,7 @@ class ClipSpec:
     preprocess: dict[str, Any]
 
 
-def _open_clip():
+def open_clip_module():
     import open_clip
 
     from cdul_ray.models import register_model_configs
@@ -115,7 +115,7 @@ def resolve_weights(model: str, pretrained: str, download: bool = True, endpoint
         UnknownModelError: unknown model name (the message lists the valid names).
         WeightsNotFoundError: the weights are not where ``pretrained`` says (the message names what was tried).
     """
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     if model.startswith(LOCAL_DIR):
         folder = Path(model[len(LOCAL_DIR) :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
@@ -198,7 +198,7 @@ def load_clip(
     Returns:
         ``(model, tokenizer)``: an open_clip CLIP module on ``device`` and its tokenizer.
     """
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     if spec.kind == "local-dir":
         pretrained = None
     elif spec.kind == "random":

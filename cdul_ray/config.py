@@ -28,15 +28,86 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its ``--help`` text (``metadata["help"]``); list/tuple defaults become tuple factories."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+GPU_MODES = ("auto", "true", "false")
+
+
+def gpu_option(default: str, help: str) -> Any:
+    """The ``use_gpu`` field of every job: ``auto`` (GPUs when the cluster has them), ``true`` or ``false``.
+
+    On the command line ``--use-gpu`` alone means ``true`` and ``--no-use-gpu`` means ``false``; in YAML a boolean
+    works too.
+    """
+    return option(default, help, gpu=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared validators: each raises ConfigError naming the first bad field.
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Each field is set (non-empty)."""
+    for name in names:
+        if not getattr(cfg, name):
+            raise ConfigError(name, "is required")
+
+
+def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(name, f"{value!r} is not one of {choices}")
+
+
+def check_at_least(cfg: Any, low: float, *names: str) -> None:
+    """Each field is >= ``low`` (fields that may be None are skipped when None)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(name, f"must be >= {low}, got {value}")
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    """Each field is > 0."""
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(name, f"must be > 0, got {getattr(cfg, name)}")
+
+
+def check_tristate(cfg: Any, *names: str) -> None:
+    """Each field is ``auto``, ``true`` or ``false`` (``use_gpu``, ``cache_decoded``)."""
+    for name in names:
+        if getattr(cfg, name) not in GPU_MODES:
+            raise ConfigError(name, f"must be auto, true or false, got {getattr(cfg, name)!r}")
+
+
+def check_dataset_input(cfg: Any, *required: str) -> None:
+    """The required URIs, ``format`` and ``limit`` of a job that reads a dataset."""
+    from cdul_ray.datasets import FORMATS
+
+    require(cfg, *required)
+    check_choice(cfg, "format", FORMATS)
+    check_at_least(cfg, 1, "limit")
+
+
+def check_actor_pool(cfg: Any) -> None:
+    """``batch_size``, ``decode_batch_size``, ``rows_per_file``, actor pool size, ``use_gpu`` and ``cpus_per_actor`` of a
+    streamed Ray Data job (cdul_ray.batch_inference)."""
+    check_at_least(cfg, 1, "batch_size", "decode_batch_size", "min_actors", "rows_per_file")
+    if cfg.max_actors is not None and cfg.max_actors < cfg.min_actors:
+        raise ConfigError("max_actors", f"must be >= min_actors ({cfg.min_actors}), got {cfg.max_actors}")
+    check_tristate(cfg, "use_gpu")
+    check_positive(cfg, "cpus_per_actor")
+
+
 # The bundled small CLIP and synthetic benchmark: what --smoke-test and the demo run on.
 SMOKE_MODEL = ("cdul-synth-rn", "synth")
-SMOKE_IMAGES = 8
+SMOKE_IMAGES = 8  # images of every --smoke-test: labeling, training and prediction
 # ζ default: the best of the ζ sweep on the synthetic benchmark (docs/benchmark.md: 0 to 0.1 tie, 33.6 mAP); the paper
 # searches [0, 0.4]. Re-measure whenever the bundled CLIP changes.
 DEFAULT_THRESHOLD = 0.1
@@ -46,68 +117,47 @@ DEFAULT_THRESHOLD = 0.1
 class LabelConfig:
     """Config of the labeling job (global + local alignment, aggregator, initial soft pseudo labels)."""
 
-    dataset: str = _f("", "dataset root or manifest: local path or s3:// URI", required=True)
-    output: str = _f("", "output directory: local path or s3:// URI", required=True)
-    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
-    split: str | None = _f(None, "dataset split, e.g. train2014, val2017, trainval, train")
-    classes_file: str | None = _f(None, "class vocabulary (one class per line), overrides the dataset's classes")
-    model: str = _f("RN50x64", "open_clip model name, registered cdul-ray config, or local-dir:/path")
-    pretrained: str = _f("openai", "open_clip tag, bundled tag, local weights file, s3:// URI, or none")
-    templates: tuple[str, ...] = _f(DEFAULT_TEMPLATES, "prompt templates with one {} each (averaged per class)")
-    grid: int = _f(3, "snippet grid side K (K*K snippets per image)")
-    aggregator: str = _f("cdul", "global-local aggregator for the soft label: cdul, max, avg")
-    threshold: float = _f(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
-    lam: float = _f(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
-    batch_size: int = _f(16, "images per CLIP batch (each image is 1 + K*K views)")
-    decode_batch_size: int = _f(16, "images per CPU decode/snippet task")
-    min_actors: int = _f(1, "CLIP actor pool: minimum size")
-    max_actors: int | None = _f(None, "CLIP actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
-    use_gpu: str = _f("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
-    cpus_per_actor: float = _f(1.0, "CPUs reserved per CLIP actor")
-    precision: str = _f("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
-    limit: int | None = _f(None, "label only the first N images of the dataset")
-    rows_per_file: int = _f(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
-    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
-    cache_dir: str = _f("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
-    overwrite: bool = _f(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
-    evaluate: bool = _f(True, "compute the pseudo-label mAP table when the dataset has ground truth")
-    smoke_test: bool = _f(
+    dataset: str = option("", "dataset root or manifest: local path or s3:// URI", required=True)
+    output: str = option("", "output directory: local path or s3:// URI", required=True)
+    format: str = option("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = option(None, "dataset split, e.g. train2014, val2017, trainval, train")
+    classes_file: str | None = option(None, "class vocabulary (one class per line), overrides the dataset's classes")
+    model: str = option("RN50x64", "open_clip model name, registered cdul-ray config, or local-dir:/path")
+    pretrained: str = option("openai", "open_clip tag, bundled tag, local weights file, s3:// URI, or none")
+    templates: tuple[str, ...] = option(DEFAULT_TEMPLATES, "prompt templates with one {} each (averaged per class)")
+    grid: int = option(3, "snippet grid side K (K*K snippets per image)")
+    aggregator: str = option("cdul", "global-local aggregator for the soft label: cdul, max, avg")
+    threshold: float = option(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
+    lam: float = option(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
+    batch_size: int = option(16, "images per CLIP batch (each image is 1 + K*K views)")
+    decode_batch_size: int = option(16, "images per CPU decode/snippet task")
+    min_actors: int = option(1, "CLIP actor pool: minimum size")
+    max_actors: int | None = option(None, "CLIP actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
+    use_gpu: str = gpu_option("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per CLIP actor")
+    precision: str = option("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
+    limit: int | None = option(None, "label only the first N images of the dataset")
+    rows_per_file: int = option(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    cache_dir: str = option("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
+    overwrite: bool = option(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
+    evaluate: bool = option(True, "compute the pseudo-label mAP table when the dataset has ground truth")
+    smoke_test: bool = option(
         False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU (synthetic scenes if no dataset)"
     )
 
     def validate(self) -> "LabelConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
-        from cdul_ray.datasets import FORMATS
-
-        if not self.dataset:
-            raise ConfigError("dataset", "is required")
-        if not self.output:
-            raise ConfigError("output", "is required")
-        if self.format not in FORMATS:
-            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
+        check_dataset_input(self, "dataset", "output")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ConfigError("templates", f"each template needs one '{{}}' placeholder, got {list(self.templates)}")
-        if self.grid < 1:
-            raise ConfigError("grid", f"must be >= 1, got {self.grid}")
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError("aggregator", f"{self.aggregator!r} is not one of {AGGREGATORS}")
+        check_at_least(self, 1, "grid")
+        check_choice(self, "aggregator", AGGREGATORS)
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
-        if self.lam < 0:
-            raise ConfigError("lam", f"must be >= 0, got {self.lam}")
-        for name in ("batch_size", "decode_batch_size", "min_actors", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_actors is not None and self.max_actors < self.min_actors:
-            raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
-        if self.use_gpu not in ("auto", "true", "false"):
-            raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
-        if self.precision not in ("fp32", "amp"):
-            raise ConfigError("precision", f"must be fp32 or amp, got {self.precision!r}")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        check_at_least(self, 0, "lam")
+        check_actor_pool(self)
+        check_choice(self, "precision", ("fp32", "amp"))
         return self
 
     def effective(self) -> "LabelConfig":
@@ -165,6 +215,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     tp = _base_type(hints[name])
     if value is None:
         return None
+    if {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("gpu"):
+        return ("true" if value else "false") if isinstance(value, bool) else str(value).lower()
     try:
         if typing.get_origin(tp) is tuple:
             if isinstance(value, str):
@@ -214,7 +266,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
-        if tp is bool:
+        if f.metadata.get("gpu"):
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="{auto,true,false}",
+                                help=help_text + "; the flag alone means true")
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="false",
+                                help=f"same as {flag} false")
+        elif tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)

@@ -125,6 +125,18 @@ class _Raw:
     root: str
 
 
+@dataclass(frozen=True)
+class _ReadRequest:
+    """The arguments of :func:`load_dataset` that a reader may use."""
+
+    uri: str
+    split: str | None
+    endpoint_override: str | None
+    vocabulary: tuple[str, ...] | None
+    limit: int | None
+    voc_include_difficult: bool
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,7 +146,7 @@ def load_dataset(
     uri: str,
     format: str = "auto",
     split: str | None = None,
-    classes_file: str | None = None,
+    classes_file: str | Sequence[str] | None = None,
     endpoint_override: str | None = None,
     limit: int | None = None,
     *,
@@ -152,7 +164,8 @@ def load_dataset(
             ``val2017``, ``train``...), required when several annotation files exist. ``voc``: an
             ``ImageSets/Main/<split>.txt`` list (default ``trainval``). ``nuswide``: ``train`` (default) or ``test``.
             Ignored (with a warning) by ``folder`` and ``manifest``.
-        classes_file: Text file of class names, one per line (see :func:`read_class_vocabulary`). Required for
+        classes_file: Text file of class names, one per line (see :func:`read_class_vocabulary`), or the class
+            names themselves (a list, e.g. a labeling run's classes.json; checked the same way). Required for
             ``folder`` (and for a ``manifest`` without labels). For datasets with their own classes it overrides
             them: ground truth is remapped by name (case-insensitive); ground-truth classes missing from the
             vocabulary are dropped (logged once with a count) and vocabulary classes absent from the dataset
@@ -174,7 +187,7 @@ def load_dataset(
         raise ValueError(f"Unknown dataset format={format!r}; valid `format` values: {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"`limit` must be a positive number of images or None, got {limit!r}")
-    vocabulary = read_class_vocabulary(classes_file, endpoint_override) if classes_file else None
+    vocabulary = _vocabulary(classes_file, endpoint_override)
 
     fmt = detect_format(uri, endpoint_override) if format == "auto" else format
     if format == "auto":
@@ -182,16 +195,7 @@ def load_dataset(
     if split is not None and fmt in ("folder", "manifest"):
         logger.warning("`split`=%r is ignored by the %s reader", split, fmt)
 
-    if fmt == "coco":
-        raw = _read_coco(uri, split, endpoint_override)
-    elif fmt == "voc":
-        raw = _read_voc(uri, split, endpoint_override, limit, voc_include_difficult)
-    elif fmt == "nuswide":
-        raw = _read_nuswide(uri, split, endpoint_override)
-    elif fmt == "folder":
-        raw = _read_folder(uri, endpoint_override, vocabulary)
-    else:
-        raw = _read_manifest(uri, endpoint_override, vocabulary)
+    raw = READERS[fmt](_ReadRequest(uri, split, endpoint_override, vocabulary, limit, voc_include_difficult))
 
     if limit is not None and len(raw.image_ids) > limit:
         raw.image_ids, raw.uris = raw.image_ids[:limit], raw.uris[:limit]
@@ -233,13 +237,25 @@ def read_class_vocabulary(uri: str, endpoint_override: str | None = None) -> tup
     """
     lines = _read_text(uri, endpoint_override).splitlines()
     classes = [line.strip() for line in lines]
-    classes = [c for c in classes if c and not c.startswith("#")]
+    return _check_vocabulary([c for c in classes if c and not c.startswith("#")], uri)
+
+
+def _check_vocabulary(classes: Sequence[str], source: str) -> tuple[str, ...]:
     if not classes:
-        raise ValueError(f"The class vocabulary {uri} (`classes_file`) lists no class")
+        raise ValueError(f"The class vocabulary {source} (`classes_file`) lists no class")
     dupes = sorted(name for name, n in Counter(_name_key(c) for c in classes).items() if n > 1)
     if dupes:
-        raise ValueError(f"The class vocabulary {uri} (`classes_file`) lists these classes more than once: {dupes}")
+        raise ValueError(f"The class vocabulary {source} (`classes_file`) lists these classes more than once: {dupes}")
     return tuple(classes)
+
+
+def _vocabulary(classes_file: str | Sequence[str] | None, endpoint_override: str | None) -> tuple[str, ...] | None:
+    """The vocabulary override of :func:`load_dataset`: None, a file read with ``read_class_vocabulary``, or names."""
+    if not classes_file:
+        return None
+    if isinstance(classes_file, str):
+        return read_class_vocabulary(classes_file, endpoint_override)
+    return _check_vocabulary([str(c).strip() for c in classes_file], "given as a list")
 
 
 def detect_format(uri: str, endpoint_override: str | None = None) -> str:
@@ -250,7 +266,7 @@ def detect_format(uri: str, endpoint_override: str | None = None) -> str:
     """
     if uri.lower().rstrip("/").endswith(MANIFEST_SUFFIXES):
         return "manifest"
-    root = _canonical(uri)
+    root = storage.absolute_uri(uri)
     children = _list_children(root, endpoint_override)
     dirs = {name for name, kind in children.items() if kind == pafs.FileType.Directory}
     files = {name for name, kind in children.items() if kind == pafs.FileType.File}
@@ -277,7 +293,7 @@ def _read_coco(uri: str, split: str | None, endpoint_override: str | None) -> _R
     marks its category present; an image without annotations has ``gt_labels == []``. An instances file without an
     ``annotations`` key (test-style image lists) yields no ground truth.
     """
-    root = _canonical(uri)
+    root = storage.absolute_uri(uri)
     _require_exists(root, endpoint_override)
     ann_dir = storage.join(root, "annotations")
     available = _coco_annotation_files(ann_dir, endpoint_override)
@@ -360,7 +376,7 @@ def _read_voc(
     (``diningtable`` -> ``dining table``, ``pottedplant`` -> ``potted plant``, ``tvmonitor`` -> ``tv monitor``).
     Only the ``limit`` first images' annotations are read.
     """
-    root = _resolve_voc_root(_canonical(uri), endpoint_override)
+    root = _resolve_voc_root(storage.absolute_uri(uri), endpoint_override)
     split = split or VOC_DEFAULT_SPLIT
     list_uri = storage.join(root, "ImageSets", "Main", f"{split}.txt")
     if not storage.exists(list_uri, endpoint_override):
@@ -443,7 +459,7 @@ def _read_nuswide(uri: str, split: str | None, endpoint_override: str | None) ->
     dataset. Images listed but missing from ``Flickr`` (many URLs of the original crawl are dead) are not checked
     here.
     """
-    root = _canonical(uri)
+    root = storage.absolute_uri(uri)
     _require_exists(root, endpoint_override)
     split = (split or NUSWIDE_DEFAULT_SPLIT).lower()
     if split not in NUSWIDE_SPLITS:
@@ -493,7 +509,7 @@ def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str,
     """Every image (``.jpg .jpeg .png .bmp .webp``, any case) under a directory or S3 prefix, recursively, sorted by
     path. ``image_id`` is the path relative to the root with ``/`` separators. No ground truth; the classes are the
     ``classes_file`` vocabulary (required)."""
-    root = _canonical(uri)
+    root = storage.absolute_uri(uri)
     _require_exists(root, endpoint_override)
     if vocabulary is None:
         raise ValueError(
@@ -514,7 +530,7 @@ def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[st
     Parquet, or a ``;``-separated string in CSV or Parquet; an empty or null value means no class present).
     Classes are ``classes_file`` if given, else the sorted union of all labels.
     """
-    manifest = _canonical(uri)
+    manifest = storage.absolute_uri(uri)
     _require_exists(manifest, endpoint_override)
     fs, path = storage.filesystem(manifest, endpoint_override)
     try:
@@ -646,13 +662,6 @@ def _to_table(raw: _Raw) -> pa.Table:
     )
 
 
-def _canonical(uri: str) -> str:
-    """Absolute local path, or ``s3://bucket/key`` without a trailing slash."""
-    if storage.is_s3(uri):
-        return uri.rstrip("/")
-    return storage.filesystem(uri)[1]
-
-
 def _require_exists(uri: str, endpoint_override: str | None) -> None:
     if not storage.exists(uri, endpoint_override):
         raise FileNotFoundError(f"Dataset path {uri} does not exist")
@@ -704,3 +713,13 @@ def _parallel_map(fn: Callable[[Any], _T], items: Iterable[Any], remote: bool) -
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         return list(pool.map(fn, items))
+
+
+# The reader of each format (``FORMATS`` minus ``auto``): a new layout is one function and one entry here.
+READERS: dict[str, Callable[[_ReadRequest], _Raw]] = {
+    "coco": lambda r: _read_coco(r.uri, r.split, r.endpoint_override),
+    "voc": lambda r: _read_voc(r.uri, r.split, r.endpoint_override, r.limit, r.voc_include_difficult),
+    "nuswide": lambda r: _read_nuswide(r.uri, r.split, r.endpoint_override),
+    "folder": lambda r: _read_folder(r.uri, r.endpoint_override, r.vocabulary),
+    "manifest": lambda r: _read_manifest(r.uri, r.endpoint_override, r.vocabulary),
+}

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from cdul_ray import storage
-from cdul_ray.config import DEFAULT_THRESHOLD, SMOKE_MODEL, LabelConfig, _f
+from cdul_ray import schema, storage
+from cdul_ray.config import DEFAULT_THRESHOLD, SMOKE_MODEL, LabelConfig, option
 
 logger = logging.getLogger(__name__)
 
@@ -25,33 +25,30 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """Config of the demo (``cdul demo``, ``jobs/demo.py``)."""
 
-    data: str = _f("data/synth", "where the synthetic benchmark is (generated when absent)")
-    output: str = _f("out/demo", "demo output directory (replaced on every run)")
-    seed: int = _f(0, "generation seed of the synthetic benchmark")
-    train_images: int = _f(2000, "synthetic train scenes")
-    val_images: int = _f(500, "synthetic val scenes")
-    test_images: int = _f(1000, "synthetic test scenes")
-    threshold: float = _f(DEFAULT_THRESHOLD, "cdul threshold ζ")
-    batch_size: int = _f(32, "images per CLIP batch")
-    max_actors: int = _f(1, "CLIP actors (CPU)")
-    train: bool = _f(True, "also train the classifier (with and without label updates) and print Table 2")
-    train_epochs: int = _f(4, "classifier epochs")
-    backbone: str = _f("open_clip:cdul-synth-rn", "classifier backbone: a timm name (random init offline) or "
+    data: str = option("data/synth", "where the synthetic benchmark is (generated when absent)")
+    output: str = option("out/demo", "demo output directory (replaced on every run)")
+    seed: int = option(0, "generation seed of the synthetic benchmark")
+    train_images: int = option(2000, "synthetic train scenes")
+    val_images: int = option(500, "synthetic val scenes")
+    test_images: int = option(1000, "synthetic test scenes")
+    threshold: float = option(DEFAULT_THRESHOLD, "cdul threshold ζ")
+    batch_size: int = option(32, "images per CLIP batch")
+    max_actors: int = option(1, "CLIP actors (CPU)")
+    train: bool = option(True, "also train the classifier (with and without label updates) and print Table 2")
+    train_epochs: int = option(4, "classifier epochs")
+    backbone: str = option("open_clip:cdul-synth-rn", "classifier backbone: a timm name (random init offline) or "
                                                   "open_clip:<name>, the CLIP image trunk")
-    pretrained_backbone: str = _f("synth", "backbone weights (for open_clip: a pretrained tag or file)")
-    freeze_backbone: bool = _f(True, "train only the classifier head on the frozen backbone (a linear probe)")
-    train_lr: float = _f(1e-2, "classifier AdamW learning rate")
-    image_size: int = _f(128, "classifier input side in pixels")
-    report: bool = _f(True, "write the PNG report next to the labels")
+    pretrained_backbone: str = option("synth", "backbone weights (for open_clip: a pretrained tag or file)")
+    freeze_backbone: bool = option(True, "train only the classifier head on the frozen backbone (a linear probe)")
+    train_lr: float = option(1e-2, "classifier AdamW learning rate")
+    image_size: int = option(128, "classifier input side in pixels")
+    report: bool = option(True, "write the PNG report next to the labels")
 
     def validate(self) -> "DemoConfig":
-        from cdul_ray.config import ConfigError
+        from cdul_ray.config import ConfigError, check_at_least
 
-        for name in ("train_images", "test_images", "batch_size", "max_actors", "train_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.val_images < 0:
-            raise ConfigError("val_images", f"must be >= 0, got {self.val_images}")
+        check_at_least(self, 1, "train_images", "test_images", "batch_size", "max_actors", "train_epochs")
+        check_at_least(self, 0, "val_images")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
         return self
@@ -95,7 +92,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"table1": table1, "table2": None}
     if cfg.train:
         result["table2"] = _table2(cfg, summary)
-    storage.write_json(storage.join(cfg.output, "demo.json"), {"config": dataclasses.asdict(cfg), **result})
+    storage.write_json(storage.join(cfg.output, schema.DEMO_FILE), {"config": dataclasses.asdict(cfg), **result})
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import time
@@ -50,19 +49,14 @@ def _geometric(preprocess_json: str):
 
 def _read_and_cut(uri: str, geometric, grid: int, endpoint: str | None) -> tuple[np.ndarray | None, int, int, str, str]:
     """One image -> (views [1+S, 3, H, W] uint8 or None, width, height, error stage, error reason)."""
-    from PIL import Image
-
     from cdul_ray.core.views import make_views
 
+    im, stage, reason = storage.read_image(uri, endpoint)  # the decode shared with training and prediction
+    if im is None:
+        return None, 0, 0, stage, reason
     try:
-        data = storage.read_bytes(uri, endpoint)
-    except Exception as e:  # missing file, permission, network: recorded, not fatal
-        return None, 0, 0, "read", f"{type(e).__name__}: {e}"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return make_views(im, geometric, grid), im.width, im.height, "", ""
-    except Exception as e:  # truncated/corrupt/unsupported image, image smaller than the grid
+        return make_views(im, geometric, grid), im.width, im.height, "", ""
+    except Exception as e:  # image smaller than the grid
         return None, 0, 0, "decode", f"{type(e).__name__}: {e}"
 
 

@@ -1,7 +1,7 @@
 """Batch inference with a trained CDUL classifier on Ray Data (paper §3.3: inference uses the classifier alone).
 
 Stages: index (any reader of :mod:`cdul_ray.datasets`: folder / S3 prefix / manifest / COCO / VOC / NUS-WIDE) ->
-CPU decode + resize tasks (:func:`cdul_ray.train.decode_resized`) -> a ``Predictor`` actor pool (``map_batches``
+CPU decode + resize tasks (:func:`cdul_ray.classifier.decode_resized`) -> a ``Predictor`` actor pool (``map_batches``
 with ``ActorPoolStrategy``, one GPU per actor on GPU clusters) -> Parquet.
 
 Output directory (local path or ``s3://`` URI)::
@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,59 +31,41 @@ import pyarrow.parquet as pq
 
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import Stage, count_rows, prepare_output, stream_to_parquet
-from cdul_ray.config import ConfigError, _f, to_dict
+from cdul_ray.config import SMOKE_IMAGES, check_actor_pool, check_dataset_input, gpu_option, option, to_dict
 from cdul_ray.resources import actor_pool
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_DIR = "predictions"
-SMOKE_IMAGES = 8
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     """Config of the batch prediction job."""
 
-    checkpoint: str = _f("", "trained classifier: a training output dir, its model/ dir, or a checkpoint dir "
+    checkpoint: str = option("", "trained classifier: a training output dir, its model/ dir, or a checkpoint dir "
                              "(local or s3://)", required=True)
-    dataset: str = _f("", "images to label: folder, s3:// prefix, manifest (.parquet/.csv) or dataset root",
+    dataset: str = option("", "images to label: folder, s3:// prefix, manifest (.parquet/.csv) or dataset root",
                       required=True)
-    output: str = _f("", "output directory: local path or s3:// URI", required=True)
-    format: str = _f("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
-    split: str | None = _f(None, "dataset split (coco/voc/nuswide)")
-    batch_size: int = _f(64, "images per classifier batch")
-    decode_batch_size: int = _f(16, "images per CPU decode/resize task")
-    min_actors: int = _f(1, "classifier actor pool: minimum size")
-    max_actors: int | None = _f(None, "classifier actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
-    use_gpu: str = _f("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
-    cpus_per_actor: float = _f(1.0, "CPUs reserved per classifier actor")
-    limit: int | None = _f(None, "predict only the first N images")
-    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
-    overwrite: bool = _f(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
-    evaluate: bool = _f(True, "compute the mAP of the predictions when the dataset has ground truth")
-    rows_per_file: int = _f(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
-    smoke_test: bool = _f(False, f"a few images ({SMOKE_IMAGES}) on CPU")
+    output: str = option("", "output directory: local path or s3:// URI", required=True)
+    format: str = option("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
+    split: str | None = option(None, "dataset split (coco/voc/nuswide)")
+    batch_size: int = option(64, "images per classifier batch")
+    decode_batch_size: int = option(16, "images per CPU decode/resize task")
+    min_actors: int = option(1, "classifier actor pool: minimum size")
+    max_actors: int | None = option(None, "classifier actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
+    use_gpu: str = gpu_option("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per classifier actor")
+    limit: int | None = option(None, "predict only the first N images")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
+    overwrite: bool = option(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
+    evaluate: bool = option(True, "compute the mAP of the predictions when the dataset has ground truth")
+    rows_per_file: int = option(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
+    smoke_test: bool = option(False, f"a few images ({SMOKE_IMAGES}) on CPU")
 
     def validate(self) -> "PredictConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
-        from cdul_ray.datasets import FORMATS
-
-        for name in ("checkpoint", "dataset", "output"):
-            if not getattr(self, name):
-                raise ConfigError(name, "is required")
-        if self.format not in FORMATS:
-            raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
-        for name in ("batch_size", "decode_batch_size", "min_actors", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_actors is not None and self.max_actors < self.min_actors:
-            raise ConfigError("max_actors", f"must be >= min_actors ({self.min_actors}), got {self.max_actors}")
-        if self.use_gpu not in ("auto", "true", "false"):
-            raise ConfigError("use_gpu", f"must be auto, true or false, got {self.use_gpu!r}")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        check_dataset_input(self, "checkpoint", "dataset", "output")
+        check_actor_pool(self)
         return self
 
     def effective(self) -> "PredictConfig":
@@ -93,7 +73,7 @@ class PredictConfig:
         if not self.smoke_test:
             return self
         return dataclasses.replace(self, limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES), use_gpu="false",
-                                   min_actors=1, max_actors=1, batch_size=min(self.batch_size, 8))
+                                   min_actors=1, max_actors=1, batch_size=min(self.batch_size, 8)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -110,7 +90,7 @@ class Predictor:
     def __init__(self, model_dir: str, endpoint_override: str | None):
         import torch
 
-        from cdul_ray.train import load_model_dir
+        from cdul_ray.classifier import load_model_dir
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +102,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
         from cdul_ray.core.label_update import predict_proba
-        from cdul_ray.train import model_input
+        from cdul_ray.classifier import model_input
 
         c = self.num_classes
         stage = np.array([str(s) for s in batch["error_stage"]], dtype=object)
@@ -136,7 +116,7 @@ class Predictor:
             finite = np.isfinite(out).all(axis=1)
             probs[ok] = np.nan_to_num(out)
             bad = np.flatnonzero(ok)[~finite]
-            stage[bad] = "predict"
+            stage[bad] = schema.PREDICT_STAGE
             reason[bad] = "non-finite classifier output (NaN/inf)"
         vec = pa.list_(pa.float32(), c)
         return pa.table({
@@ -175,7 +155,7 @@ class PredictSummary:
                                                  if self.errors else ""),
             f"  classes        {self.classes}",
             f"  wall time      {self.seconds:.1f} s  ({self.images_per_second:.2f} images/s)",
-            f"  predictions    {storage.join(self.output, PREDICTIONS_DIR)}",
+            f"  predictions    {storage.join(self.output, schema.PREDICTIONS_DIR)}",
         ]
         if self.map is not None:
             lines.append(f"  mAP            {self.map:.2f}")
@@ -190,11 +170,7 @@ def _index(cfg: PredictConfig, classes: list[str], endpoint: str | None):
     """The dataset indexed with the classifier's classes as vocabulary (ground truth, if any, remapped by name)."""
     from cdul_ray.datasets import load_dataset
 
-    with tempfile.TemporaryDirectory() as folder:
-        vocab = os.path.join(folder, "classes.txt")
-        with open(vocab, "w") as f:
-            f.write("\n".join(classes) + "\n")
-        return load_dataset(cfg.dataset, cfg.format, cfg.split, vocab, endpoint, cfg.limit)
+    return load_dataset(cfg.dataset, cfg.format, cfg.split, classes, endpoint, cfg.limit)
 
 
 def _map(predictions: pa.Table, records: pa.Table, num_classes: int) -> float | None:
@@ -220,7 +196,8 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     """
     import ray
 
-    from cdul_ray.train import absolute_uri, decode_resized, resolve_model_dir
+    from cdul_ray.classifier import decode_resized, resolve_model_dir
+    from cdul_ray.storage import absolute_uri
 
     cfg = cfg.validate().effective()
     start = time.time()
@@ -232,7 +209,7 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
         model_dir = resolve_model_dir(cfg.checkpoint, endpoint)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config field `checkpoint`: {e}") from e
-    meta = storage.read_json(storage.join(model_dir, "model.json"), endpoint)
+    meta = storage.read_json(storage.join(model_dir, schema.MODEL_META), endpoint)
     classes = list(meta["classes"])
     index = _index(cfg, classes, endpoint)
     run_config = {"kind": "predict", **cfg.to_dict(), "classes": classes}
@@ -250,12 +227,12 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
                    {"image_size": int(meta["image_size"]), "endpoint_override": endpoint})
     classify = Stage(Predictor, cfg.batch_size, {"model_dir": model_dir, "endpoint_override": endpoint},
                      num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
-    written = stream_to_parquet(index.records, cfg.output, endpoint, PREDICTIONS_DIR, (decode, classify),
+    written = stream_to_parquet(index.records, cfg.output, endpoint, schema.PREDICTIONS_DIR, (decode, classify),
                                 cfg.rows_per_file)
 
     map_value = None
-    if cfg.evaluate and index.has_ground_truth and count_rows(cfg.output, endpoint, PREDICTIONS_DIR):
-        fs, path = storage.filesystem(storage.join(cfg.output, PREDICTIONS_DIR), endpoint)
+    if cfg.evaluate and index.has_ground_truth and count_rows(cfg.output, endpoint, schema.PREDICTIONS_DIR):
+        fs, path = storage.filesystem(storage.join(cfg.output, schema.PREDICTIONS_DIR), endpoint)
         table = pq.read_table(path, filesystem=fs, columns=["image_id", "probabilities"])
         map_value = _map(table, index.records, len(classes))
     seconds = time.time() - start

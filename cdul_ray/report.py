@@ -1,4 +1,4 @@
-"""A short visual report of a labeling run, written next to its output (``<output>/report/``).
+"""A short visual report of a labeling run, written next to its output (``<output>/report/``, ``schema.REPORT_DIR``).
 
 - ``ap_<method>.png``: per-class pseudo-label AP bar chart, one per aggregator (global, avg, max, cdul);
 - ``scenes.png``: a grid of a few images with their top soft labels against the ground truth;
@@ -18,7 +18,6 @@ from cdul_ray.evaluate import read_label_scores, render_table
 
 logger = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
 METHODS = ("global", "avg", "max", "cdul")
 
 
@@ -45,7 +44,7 @@ def write_report(output: str, evaluation: dict[str, Any], n_images: int = 8, top
     import pyarrow.dataset as pads
     from PIL import Image
 
-    folder = storage.join(output, REPORT_DIR)
+    folder = storage.join(output, schema.REPORT_DIR)
     classes = evaluation["classes"]
     x = np.arange(len(classes))
     for method in METHODS:
@@ -104,6 +103,6 @@ def write_report(output: str, evaluation: dict[str, Any], n_images: int = 8, top
         "![scenes](scenes.png)",
         "",
     ]
-    uri = storage.join(folder, "report.md")
+    uri = storage.join(folder, schema.REPORT_FILE)
     storage.write_bytes(uri, "\n".join(md).encode(), endpoint_override)
     return uri

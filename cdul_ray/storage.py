@@ -53,9 +53,17 @@ def filesystem(uri: str, endpoint_override: str | None = None) -> tuple[pafs.Fil
         endpoint = endpoint_override or s3_endpoint_from_env()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         return _s3(endpoint, region), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), absolute_uri(uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """The one URI normaliser: a local path made absolute (``file://`` dropped, ``~`` expanded); an ``s3://`` URI
+    without its trailing slash. Ray workers run in another working directory, so jobs pass only these."""
+    if is_s3(uri):
+        return uri.rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -109,3 +117,65 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, endpoint_overr
             continue
         out.append("s3://" + info.path if is_s3(uri) else info.path)
     return sorted(out)
+
+
+def fs_path(base: str, *parts: str) -> str:
+    """Join parts onto a path *inside* a pyarrow filesystem (the second value of :func:`filesystem`)."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def write_table(uri: str, table: Any, endpoint_override: str | None = None) -> None:
+    """Write one pyarrow Table as a Parquet file (parent directories created)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, endpoint_override)
+    fs.create_dir(posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def read_parquet_dir(uri: str, endpoint_override: str | None = None, columns: list[str] | None = None) -> Any:
+    """Every Parquet file under a directory or S3 prefix as one pyarrow Table."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri, endpoint_override)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def delete_dir(uri: str, endpoint_override: str | None = None) -> None:
+    """Delete a directory or S3 prefix and everything in it; nothing happens when it does not exist."""
+    fs, path = filesystem(uri, endpoint_override)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_dirs(uri: str, endpoint_override: str | None = None) -> list[str]:
+    """Names of the direct subdirectories of a directory or S3 prefix, sorted ([] when it does not exist)."""
+    fs, path = filesystem(uri, endpoint_override)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def read_image(uri: str, endpoint_override: str | None = None):
+    """Read and decode one image: the one image decode of the labeling, training and prediction jobs.
+
+    (Hostile-input / EXIF handling is being added in ``cdul_ray/images.py`` by another change; when it lands this
+    function should move there and keep its contract.)
+
+    Returns:
+        ``(image, stage, reason)``: a loaded RGB ``PIL.Image`` and ``("", "")``, or ``None`` with the failed stage
+        (``read``: missing file, permission, network; ``decode``: corrupt or unsupported data) and a reason.
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        data = read_bytes(uri, endpoint_override)
+    except Exception as e:  # missing file, permission, network: recorded, not fatal
+        return None, "read", f"{type(e).__name__}: {e}"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB"), "", ""
+    except Exception as e:  # truncated / corrupt / unsupported image
+        return None, "decode", f"{type(e).__name__}: {e}"

@@ -83,10 +83,33 @@ def test_validate_names_the_field(field, value):
     assert err.value.field == field
 
 
-def test_smoke_test_shrinks_the_job():
-    cfg = LabelConfig(dataset="/d", output="/o", smoke_test=True, batch_size=64).effective()
-    assert (cfg.model, cfg.pretrained, cfg.limit, cfg.use_gpu, cfg.max_actors) == ("cdul-synth-rn", "synth", 8, "false", 1)
-    assert cfg.batch_size == 4
+def test_smoke_test_shrinks_every_job_alike_to_an_offline_model_on_cpu():
+    from cdul_ray.clip import resolve_weights
+    from cdul_ray.predict import PredictConfig
+    from cdul_ray.train import TrainConfig
+
+    label = LabelConfig(dataset="/d", output="/o", smoke_test=True, batch_size=64, use_gpu="true").effective()
+    assert resolve_weights(label.model, label.pretrained, download=False).kind == "bundled"  # runs without internet
+    assert (label.use_gpu, label.min_actors, label.max_actors) == ("false", 1, 1) and label.batch_size < 64
+    train = TrainConfig(labels="/l", dataset="/d", output="/o", smoke_test=True, workers=4, use_gpu="true").effective()
+    predict = PredictConfig(checkpoint="/c", dataset="/d", output="/o", smoke_test=True, use_gpu="true").effective()
+    assert (train.use_gpu, train.workers, predict.use_gpu, predict.max_actors) == ("false", 1, "false", 1)
+    # one image budget: training trains on what a smoke labeling run labeled, prediction predicts as many
+    assert label.limit == train.limit == predict.limit == config_mod.SMOKE_IMAGES
+    # a smaller limit is kept; the flag only ever shrinks a job
+    assert LabelConfig(dataset="/d", output="/o", smoke_test=True, limit=3).effective().limit == 3
+
+
+def test_use_gpu_is_one_tristate_flag_in_every_job():
+    cases = {("--use-gpu",): "true", ("--use-gpu", "auto"): "auto", ("--no-use-gpu",): "false", (): None}
+    for command, required in (("label", ["--dataset", "d", "--output", "o"]),
+                              ("train", ["--labels", "l", "--dataset", "d", "--output", "o"]),
+                              ("predict", ["--checkpoint", "c", "--dataset", "d", "--output", "o"])):
+        for flags, expected in cases.items():
+            args = build_parser().parse_args([command, *required, *flags])
+            assert args.use_gpu == expected, (command, flags)
+    path_cfg = config_mod.from_mapping(LabelConfig, {"dataset": "d", "output": "o", "use_gpu": True})
+    assert path_cfg.use_gpu == "true"  # a YAML boolean is read as the same tristate
 
 
 def test_evaluate_without_a_labeling_run_names_the_output_field(tmp_path, capsys):

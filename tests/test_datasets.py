@@ -509,3 +509,20 @@ def test_s3_coco_and_folder(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="s3://cdul-test/missing"):
         load_dataset("s3://cdul-test/missing", format="coco")
+
+
+def test_vocabulary_as_a_list_equals_the_same_vocabulary_as_a_file(tmp_path):
+    manifest = _write(tmp_path / "m.csv", "uri,labels\na.jpg,dog;zebra\nb.jpg,cat\n")
+    vocab = make_vocabulary(tmp_path / "classes.txt", ["person", "Dog", "cat"])
+    from_file = load_dataset(str(manifest), classes_file=vocab)
+    from_list = load_dataset(str(manifest), classes_file=["person", "Dog", "cat"])
+    assert from_list.classes == from_file.classes == ("person", "Dog", "cat")
+    assert from_list.records.equals(from_file.records)
+    with pytest.raises(ValueError, match="more than once"):
+        load_dataset(str(manifest), classes_file=["cat", "Cat"])
+
+
+def test_every_format_has_one_reader():
+    from cdul_ray.datasets import FORMATS, READERS
+
+    assert set(READERS) == set(FORMATS) - {"auto"}

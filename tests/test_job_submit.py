@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +38,48 @@ def _run(args: list[str], env: dict, timeout: float, check: bool = True) -> subp
     return proc
 
 
+def _processes_using(temp_dir: str) -> list[int]:
+    """Ids of this user's processes whose command line names ``temp_dir`` (the Ray processes of our head only)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid == os.getuid() and temp_dir.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # exited meanwhile
+            continue
+    return pids
+
+
+def _stop_head(pgid: int, temp_dir: str) -> None:
+    """Stop only the head this test started: its process group, then anything still naming its temp dir."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in _processes_using(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while time.time() < deadline and _processes_using(temp_dir):
+            time.sleep(0.5)
+        if not _processes_using(temp_dir):
+            return
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head started with the CLI, token auth on (RAY_AUTH_MODE=token), its token under a private HOME."""
+    """A Ray head started with the CLI, token auth on (RAY_AUTH_MODE=token), its token under a private HOME.
+
+    Every port is its own (free) one, so it runs beside the suite's shared ``ray_cluster`` (whose dashboard agent
+    holds Ray's fixed default agent port 52365: a second head on that port never gets a job agent). ``ray start``
+    runs in its own session and process group with its own temp dir; teardown stops exactly those processes (never
+    ``ray stop``, which stops every Ray cluster of the machine).
+    """
     home = tmp_path / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}",
@@ -47,15 +87,22 @@ def ray_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     _run([str(BIN / "ray"), "get-auth-token", "--generate"], env, 120)
     assert (home / ".ray" / "auth_token").is_file()
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    _run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-          "--disable-usage-stats"], env, 300)
+    start = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+         f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pgid = start.pid  # start_new_session: the session and process group of every process the head spawns
     try:
+        out, err = start.communicate(timeout=300)
+        assert start.returncode == 0, f"ray start failed ({start.returncode}):\n{out[-4000:]}\n{err[-4000:]}"
         yield env, f"http://127.0.0.1:{dash}"
     finally:
-        _run([str(BIN / "ray"), "stop", "--force"], env, 120, check=False)
+        if start.poll() is None:
+            start.kill()
+        _stop_head(pgid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ import torch
 from cdul_ray import schema
 from cdul_ray.config import LabelConfig
 from cdul_ray.core.aggregate import aggregate, initial_soft_label
+from cdul_ray.core.metrics import mean_average_precision, multi_hot
 from cdul_ray.evaluate import read_label_scores, soft_labels
 from cdul_ray.pipeline import run_labeling
 from tests.helpers import CLASSES
@@ -78,10 +79,15 @@ def test_evaluation_written_and_reproducible_from_parquet(labeled):
     out, _, summary = labeled
     ev = json.loads((out / schema.EVALUATION_JSON).read_text())
     assert set(ev["map"]) == {"global", "avg", "max", "cdul"}
-    assert ev == summary.evaluation
     scores = read_label_scores(str(out))
     table = pq.read_table(out / schema.LABELS_DIR).sort_by("image_id")
     np.testing.assert_allclose(soft_labels(scores, "cdul", 0.3), _vectors(table, schema.SOFT_LABEL), atol=1e-6)
+    # Table 1 from the written columns and the ground truth, independently of cdul_ray.evaluate
+    targets = multi_hot(table["gt_labels"].to_pylist(), len(CLASSES))
+    for method, column in (("global", schema.GLOBAL_SCORE), ("cdul", schema.SOFT_LABEL)):
+        expected = mean_average_precision(_vectors(table, column), targets).map
+        assert ev["map"][method] == pytest.approx(expected, abs=1e-3)
+        assert summary.evaluation["map"][method] == pytest.approx(expected, abs=1e-3)
     assert ev["zeta_sweep"]["0"] == pytest.approx(ev["map"]["max"])
 
 

@@ -13,9 +13,7 @@ import torch
 from PIL import Image
 
 from cdul_ray import schema
-from cdul_ray.predict import PREDICTIONS_DIR, PredictConfig, run_prediction
-from cdul_ray.train import (
-    CHECKPOINTS_DIR,
+from cdul_ray.classifier import (
     create_classifier,
     load_model_dir,
     normalisation,
@@ -23,6 +21,9 @@ from cdul_ray.train import (
     resolve_model_dir,
     save_model_dir,
 )
+from cdul_ray.core.metrics import mean_average_precision, multi_hot
+from cdul_ray.datasets import load_dataset
+from cdul_ray.predict import PredictConfig, run_prediction
 from tests.helpers import CLASSES, write_coco_shapes
 
 pytestmark = pytest.mark.slow
@@ -44,8 +45,8 @@ def _save(folder, seed: int, loss: str = "bce"):
 def trained(tmp_path_factory):
     """A training output with two checkpoints and no model/ dir: predict must pick the newest checkpoint."""
     out = tmp_path_factory.mktemp("trained")
-    _save(out / CHECKPOINTS_DIR / "checkpoint_epoch0001", seed=1)
-    model = _save(out / CHECKPOINTS_DIR / "checkpoint_epoch0002", seed=2)
+    _save(out / schema.CHECKPOINTS_DIR / "checkpoint_epoch0001", seed=1)
+    model = _save(out / schema.CHECKPOINTS_DIR / "checkpoint_epoch0002", seed=2)
     return out, model
 
 
@@ -79,7 +80,7 @@ def test_model_dir_resolution(trained, tmp_path):
     shutil.copytree(out, copy)
     _save(copy / "model", seed=3)  # the final model of a finished run wins over the checkpoints
     assert resolve_model_dir(str(copy)) == str(copy / "model")
-    assert resolve_model_dir(str(copy / CHECKPOINTS_DIR / "checkpoint_epoch0001")).endswith("checkpoint_epoch0001")
+    assert resolve_model_dir(str(copy / schema.CHECKPOINTS_DIR / "checkpoint_epoch0001")).endswith("checkpoint_epoch0001")
     with pytest.raises(FileNotFoundError, match="model.json"):
         resolve_model_dir(str(tmp_path / "empty"))
 
@@ -89,7 +90,7 @@ def test_folder_one_row_per_readable_image_probabilities_in_unit_interval(ray_cl
     root, info = images
     summary = run_prediction(PredictConfig(checkpoint=str(out), dataset=str(root / "folder"), output=str(tmp_path),
                                            batch_size=4, decode_batch_size=3))
-    table = pq.read_table(tmp_path / PREDICTIONS_DIR)
+    table = pq.read_table(tmp_path / schema.PREDICTIONS_DIR)
     assert table.schema.equals(schema.predictions_schema(len(CLASSES)), check_metadata=False)
     uris = table["uri"].to_pylist()
     good = sorted(str(p) for p in (root / "folder").rglob("*.jpg"))
@@ -112,15 +113,20 @@ def test_manifest_with_a_missing_file_and_coco_with_ground_truth(ray_cluster, tr
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({"uri": files[:4] + [str(root / "gone.jpg")]}), manifest)
     summary = run_prediction(PredictConfig(checkpoint=str(out), dataset=str(manifest), output=str(tmp_path / "m")))
-    assert pq.read_table(tmp_path / "m" / PREDICTIONS_DIR).num_rows == 4 and summary.errors == 1
+    assert pq.read_table(tmp_path / "m" / schema.PREDICTIONS_DIR).num_rows == 4 and summary.errors == 1
     assert pq.read_table(tmp_path / "m" / schema.ERRORS_DIR).to_pylist()[0]["stage"] == "read"
 
     coco = run_prediction(PredictConfig(checkpoint=str(out), dataset=str(root / "coco"), split="test",
                                         output=str(tmp_path / "c")))
-    table = pq.read_table(tmp_path / "c" / PREDICTIONS_DIR)
+    table = pq.read_table(tmp_path / "c" / schema.PREDICTIONS_DIR)
     assert sorted(table["image_id"].to_pylist(), key=int) == info["test"]["ok"]
-    assert coco.map is not None and 0 <= coco.map <= 100
-    assert json.loads((tmp_path / "c" / schema.SUMMARY_FILE).read_text())["map"] == pytest.approx(coco.map)
+    # the mAP of the newest checkpoint's model, computed here from the images and the COCO annotations
+    _, model = trained
+    index = load_dataset(str(root / "coco"), "coco", "test", CLASSES)
+    targets = multi_hot(index.records["gt_labels"].to_pylist(), len(CLASSES))
+    expected = mean_average_precision(_expected_probs(model, index.records["uri"].to_pylist()), targets).map
+    assert coco.map == pytest.approx(expected, abs=1e-3)
+    assert json.loads((tmp_path / "c" / schema.SUMMARY_FILE).read_text())["map"] == pytest.approx(expected, abs=1e-3)
 
 
 def test_fails_fast_on_missing_checkpoint_and_existing_output(images, trained, tmp_path):
@@ -153,7 +159,7 @@ def test_rerun_predicts_only_new_images_and_refuses_another_classifier(ray_clust
     shutil.copy(sorted(folder.glob("*.jpg"))[0], new)
     second = run_prediction(cfg)
     assert (second.images, second.already_done, second.predicted, second.errors) == (11, 10, 1, 0)
-    ids = pq.read_table(tmp_path / "p" / PREDICTIONS_DIR)["image_id"].to_pylist()
+    ids = pq.read_table(tmp_path / "p" / schema.PREDICTIONS_DIR)["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 10 and "new.jpg" in ids
     other = tmp_path / "other"
     _save(other / "model", seed=7)

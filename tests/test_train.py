@@ -20,15 +20,12 @@ import torch
 
 from cdul_ray import schema
 from cdul_ray.config import ConfigError, LabelConfig
+from cdul_ray.core.metrics import mean_average_precision, multi_hot
+from cdul_ray.datasets import load_dataset
 from cdul_ray.pipeline import run_labeling
-from cdul_ray.train import (
-    CRASH_ENV,
-    TrainConfig,
-    label_matrix,
-    read_history,
-    read_label_version,
-    run_training,
-)
+from cdul_ray.train import TrainConfig, run_training
+from cdul_ray.train.labels import label_matrix, read_history, read_label_version
+from cdul_ray.train.worker import CRASH_ENV
 from tests.helpers import CLASSES, write_coco_shapes
 from tests.s3_fixtures import make_bucket, s3_env, upload_dir  # noqa: F401
 
@@ -88,6 +85,34 @@ def _cfg(labels, dataset, output, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _targets(root, split) -> dict[str, np.ndarray]:
+    """image_id -> multi-hot [C] ground truth of a split of the shapes dataset."""
+    index = load_dataset(str(root), "coco", split, CLASSES)
+    ids = index.records["image_id"].to_pylist()
+    return dict(zip(ids, multi_hot(index.records["gt_labels"].to_pylist(), len(CLASSES))))
+
+
+def _classifier_map(model_dir, root, split) -> float:
+    """mAP (%) of a saved classifier on every readable image of a split, computed here on the driver."""
+    from cdul_ray import storage
+    from cdul_ray.classifier import load_model_dir, model_input, resize_pixels
+    from cdul_ray.core.label_update import predict_proba
+
+    model, meta = load_model_dir(str(model_dir))
+    index = load_dataset(str(root), "coco", split, CLASSES)
+    targets = _targets(root, split)
+    ids, pixels = [], []
+    for image_id, uri in zip(index.records["image_id"].to_pylist(), index.records["uri"].to_pylist()):
+        image, _, _ = storage.read_image(uri)
+        if image is not None:
+            ids.append(image_id)
+            pixels.append(resize_pixels(image, meta["image_size"]))
+    with torch.no_grad():
+        logits = model(model_input(torch.from_numpy(np.stack(pixels)), meta, torch.device("cpu")))
+    probs = predict_proba(logits, meta["loss"]).numpy()
+    return mean_average_precision(probs, np.stack([targets[i] for i in ids])).map
+
+
 def _versions(out, n_versions):
     return [read_label_version(str(out), v) for v in range(n_versions)]
 
@@ -144,8 +169,18 @@ def test_history_cams_errors_and_model_are_written(run_2w, shapes):
     history = read_history(str(out))
     assert [h["epoch"] for h in history] == list(range(EPOCHS + 1))
     assert [h["label_version"] for h in history] == list(range(EPOCHS + 1))
-    assert all(0 <= h["eval_map"] <= 100 for h in history[1:]) and np.isnan(history[0]["eval_map"])
-    assert all(0 <= h["label_map"] <= 100 for h in history)
+    assert np.isnan(history[0]["eval_map"])
+    root, _ = shapes
+    for epoch in (EPOCHS - 1, EPOCHS):  # the two checkpoints kept (keep_checkpoints=2)
+        folder = out / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(epoch)
+        assert history[epoch]["eval_map"] == pytest.approx(_classifier_map(folder, root, "test"), abs=1e-3)
+    train_targets = _targets(root, "train")
+    ids = sorted(read_label_version(str(out), 0)["image_id"].to_pylist())  # the training images (not the corrupt one)
+    assert len(ids) == N_TRAIN and set(ids) < set(train_targets)
+    for h in history:  # the label mAP of every version, measured from the Parquet against the ground truth
+        y = label_matrix(read_label_version(str(out), h["label_version"]), ids, len(CLASSES))
+        expected = mean_average_precision(y, np.stack([train_targets[i] for i in ids])).map
+        assert h["label_map"] == pytest.approx(expected, abs=1e-3)
     assert history[-1]["eval_map"] == pytest.approx(summary.eval_map, abs=1e-3)
     assert all(h["images"] == N_TRAIN - 1 for h in history[1:])  # 2 equal shards
     cams = sorted(p.name for p in (out / "cam").iterdir())
@@ -250,7 +285,7 @@ def test_train_and_predict_with_everything_on_s3(ray_cluster, s3_env, shapes, pl
     upload_dir(client, planted, "cdul", "labeling")
     cfg = _cfg("s3://cdul/labeling", "s3://cdul/shapes", "s3://cdul/runs/t1", epochs=2, s3_endpoint=s3_env)
     summary = run_training(cfg)
-    assert summary.epochs == 2 and summary.images == N_TRAIN and 0 <= summary.eval_map <= 100
+    assert summary.epochs == 2 and summary.images == N_TRAIN
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="cdul", Prefix="runs/t1/")["Contents"]}
     assert {"runs/t1/history.csv", "runs/t1/model/model.pt", "runs/t1/checkpoints/checkpoint_epoch0002/model.pt",
             "runs/t1/errors/labeling.parquet"} <= keys
@@ -327,8 +362,8 @@ def test_existing_output_resumes_only_the_same_run(run_1w, shapes, planted, tmp_
 def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch):
     import timm
 
-    from cdul_ray import train
-    from cdul_ray.train import BackboneWeightsError, create_classifier, resolve_backbone_weights
+    from cdul_ray import classifier
+    from cdul_ray.classifier import BackboneWeightsError, create_classifier, resolve_backbone_weights
 
     torch.manual_seed(3)
     reference = timm.create_model("test_resnet", num_classes=0)
@@ -340,8 +375,8 @@ def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
 
-    monkeypatch.setattr(train, "_hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(train, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(classifier, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(classifier, "_cached_hub_file", lambda hub_id: None)
     source, note = resolve_backbone_weights("resnet18", "auto")
     assert source is None and "random init" in note and "unreachable" in note
     with pytest.raises(BackboneWeightsError, match="--pretrained-backbone"):
@@ -352,7 +387,7 @@ def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch
 
 
 def test_classifier_cam_averages_to_the_logits():
-    from cdul_ray.train import create_classifier
+    from cdul_ray.classifier import create_classifier
 
     torch.manual_seed(0)
     model = create_classifier("test_resnet", 4).eval()
@@ -365,7 +400,7 @@ def test_classifier_cam_averages_to_the_logits():
 
 
 def test_open_clip_resnet_trunk_backbone_and_frozen_training():
-    from cdul_ray.train import check_backbone, create_classifier
+    from cdul_ray.classifier import check_backbone, create_classifier
 
     check_backbone("open_clip:RN50")
     with pytest.raises(ConfigError) as e:
@@ -400,12 +435,12 @@ def test_cli_builds_train_and_predict_configs_without_importing_ray_train():
             "c = config.from_args(TrainConfig, a).validate(); "
             "print(c.use_gpu, c.workers, c.label_update, c.label_lr, c.backbone, 'ray.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "8", "False", "0.2", "resnet50", "False"]
+    assert out == ["true", "8", "False", "0.2", "resnet50", "False"]
 
 
 def test_bundled_clip_timm_tower_as_frozen_backbone():
     """``open_clip:cdul-synth-rn`` (a timm tower inside open_clip) gives the trunk's spatial features and exact CAMs."""
-    from cdul_ray.train import check_backbone, create_classifier
+    from cdul_ray.classifier import check_backbone, create_classifier
 
     check_backbone("open_clip:cdul-synth-rn")
     torch.manual_seed(0)

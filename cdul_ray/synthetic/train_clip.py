@@ -166,49 +166,15 @@ def _dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
-    """Train, save fp16 safetensors, re-load them through open_clip, evaluate zero-shot, write the model card.
+def _optimise(model, preprocess, tokenizer, pixels: torch.Tensor, cap_ids: torch.Tensor, all_tokens: torch.Tensor,
+              norm: tuple[torch.Tensor, torch.Tensor], cfg: TrainClipConfig) -> list[float]:
+    """The CLIP training steps (shared-caption contrastive loss, cosine LR schedule); returns the per-step losses.
 
     Args:
-        cfg: training configuration.
-        out_dir: folder for the weights and ``MODEL_CARD.md``.
-
-    Returns:
-        Summary dictionary (also the model card's front matter).
+        pixels: [N, 3, S, S] uint8 training images. cap_ids: [N] caption index of each image into ``all_tokens``.
+        all_tokens: [V, L] token ids of every caption of the world. norm: image mean and std, each [1, 3, 1, 1].
     """
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    register_model_configs()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg.model_name)
-    # channels_last: oneDNN's CPU convolutions (backward especially) are several times faster for small widths.
-    model.visual.to(memory_format=torch.channels_last)
-    tokenizer = open_clip.get_tokenizer(cfg.model_name)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    pp = model.visual.preprocess_cfg
-    mean = torch.tensor(pp["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pp["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    t0 = time.perf_counter()
-    images, labels, captions = generate_pool(cfg.seed, cfg.num_images, size, cfg.workers)
-    t_data = time.perf_counter() - t0
-    logger.info("generated %d single-object images in %.1fs", len(images), t_data)
-
-    vocab = world.all_captions()
-    cap_index = {c: i for i, c in enumerate(vocab)}
-    cap_ids = torch.tensor([cap_index[c] for c in captions], dtype=torch.long)
-    all_tokens = tokenizer(vocab)  # (V, L)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
-
+    mean, std = norm
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int) -> float:
@@ -222,7 +188,7 @@ def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
     cursor = 0
     model.train()
     t0 = time.perf_counter()
-    losses = []
+    losses: list[float] = []
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(pixels), generator=gen), 0
@@ -253,6 +219,60 @@ def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
             acc = zero_shot_eval(model, preprocess, tokenizer, n=240, seed=cfg.eval_seed + 1).accuracy
             model.train()
             logger.info("step %d: zero-shot accuracy %.3f on 240 held-out images", step + 1, acc)
+    return losses
+
+
+def _input_spec(model) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(image side S, mean [1, 3, 1, 1], std [1, 3, 1, 1]) of an open_clip model's image tower."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    pp = model.visual.preprocess_cfg
+    mean = torch.tensor(pp["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    return size, mean, std
+
+
+def train(cfg: TrainClipConfig, out_dir: pathlib.Path) -> dict:
+    """Train, save fp16 safetensors, re-load them through open_clip, evaluate zero-shot, write the model card.
+
+    Args:
+        cfg: training configuration.
+        out_dir: folder for the weights and ``MODEL_CARD.md``.
+
+    Returns:
+        Summary dictionary (also the model card's front matter).
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    register_model_configs()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.model_name)
+    # channels_last: oneDNN's CPU convolutions (backward especially) are several times faster for small widths.
+    model.visual.to(memory_format=torch.channels_last)
+    tokenizer = open_clip.get_tokenizer(cfg.model_name)
+    size, mean, std = _input_spec(model)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    t0 = time.perf_counter()
+    images, labels, captions = generate_pool(cfg.seed, cfg.num_images, size, cfg.workers)
+    t_data = time.perf_counter() - t0
+    logger.info("generated %d single-object images in %.1fs", len(images), t_data)
+
+    vocab = world.all_captions()
+    cap_index = {c: i for i, c in enumerate(vocab)}
+    cap_ids = torch.tensor([cap_index[c] for c in captions], dtype=torch.long)
+    all_tokens = tokenizer(vocab)  # (V, L)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+
+    t0 = time.perf_counter()
+    losses = _optimise(model, preprocess, tokenizer, pixels, cap_ids, all_tokens, (mean, std), cfg)
     t_train = time.perf_counter() - t0
 
     weights_path = out_dir / WEIGHTS_FILE
@@ -305,14 +325,19 @@ def _versions() -> dict[str, str]:
     }
 
 
-def render_model_card(summary: dict, confusion: np.ndarray) -> str:
-    """Markdown model card; the first block (between ``---`` lines) is JSON front matter that tests read."""
-    cfg = summary["train_config"]
-    per_class = "\n".join(f"| {k} | {v:.3f} |" for k, v in summary["zero_shot_per_class"].items())
+def _confusion_markdown(confusion: np.ndarray) -> str:
+    """[C, C] counts (rows: true class) as a Markdown table."""
     header = "| true \\ pred | " + " | ".join(world.CLASS_NAMES) + " |"
     sep = "|---" * (len(world.CLASS_NAMES) + 1) + "|"
     rows = "\n".join(f"| {c} | " + " | ".join(str(int(v)) for v in confusion[k]) + " |"
                      for k, c in enumerate(world.CLASS_NAMES))
+    return f"{header}\n{sep}\n{rows}"
+
+
+def render_model_card(summary: dict, confusion: np.ndarray) -> str:
+    """Markdown model card; the first block (between ``---`` lines) is JSON front matter that tests read."""
+    cfg = summary["train_config"]
+    per_class = "\n".join(f"| {k} | {v:.3f} |" for k, v in summary["zero_shot_per_class"].items())
     mb = summary["weights_bytes"] / 2**20
     return f"""---
 {json.dumps(summary, indent=2, sort_keys=True)}
@@ -371,9 +396,7 @@ with the fp16 weights as saved: **top-1 accuracy {summary['zero_shot_accuracy']:
 
 Confusion matrix (rows: true class, columns: predicted):
 
-{header}
-{sep}
-{rows}
+{_confusion_markdown(confusion)}
 
 ## Limitations
 - Trained on single objects only; a scene's global embedding mixes its objects (that is the point of the

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cdul_ray.core.alignment import class_text_embeddings
 from cdul_ray.synthetic.world import CLASS_NAMES, make_single_object, sample_rng
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,12 @@ class ZeroShotResult:
 
 @torch.inference_mode()
 def class_text_features(model: torch.nn.Module, tokenizer: Callable, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Unit-norm text embeddings of ``ZERO_SHOT_TEMPLATE`` for every class.
+    """Unit-norm text embeddings of ``ZERO_SHOT_TEMPLATE`` for every class (``core.alignment.class_text_embeddings``).
 
     Returns:
         ``[C, D]`` float32.
     """
-    tokens = tokenizer([ZERO_SHOT_TEMPLATE.format(c) for c in CLASS_NAMES]).to(device)
-    return torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+    return class_text_embeddings(model.encode_text, tokenizer, CLASS_NAMES, (ZERO_SHOT_TEMPLATE,), device)
 
 
 @torch.inference_mode()
