@@ -56,7 +56,7 @@ def _read_and_cut(uri: str, geometric, grid: int, endpoint: str | None) -> tuple
         return None, 0, 0, stage, reason
     try:
         return make_views(im, geometric, grid), im.width, im.height, "", ""
-    except Exception as e:  # image smaller than the grid
+    except Exception as e:  # an image smaller than the K×K grid (a 1×1 image): cdul_ray.images decodes it
         return None, 0, 0, "decode", f"{type(e).__name__}: {e}"
 
 

@@ -156,26 +156,23 @@ def list_dirs(uri: str, endpoint_override: str | None = None) -> list[str]:
 
 
 def read_image(uri: str, endpoint_override: str | None = None):
-    """Read and decode one image: the one image decode of the labeling, training and prediction jobs.
+    """Read and decode one image: the one image read of the labeling, training and prediction jobs.
 
-    (Hostile-input / EXIF handling is being added in ``cdul_ray/images.py`` by another change; when it lands this
-    function should move there and keep its contract.)
+    The decode is :func:`cdul_ray.images.decode_image`: upright 8-bit RGB (EXIF orientation applied), first frame;
+    empty, non-image, truncated and decompression-bomb files are refused with a reason in words.
 
     Returns:
         ``(image, stage, reason)``: a loaded RGB ``PIL.Image`` and ``("", "")``, or ``None`` with the failed stage
-        (``read``: missing file, permission, network; ``decode``: corrupt or unsupported data) and a reason.
+        (``read``: missing file, permission, network; ``decode``: see ``decode_image``) and a reason (credentials
+        redacted).
     """
-    import io
-
-    from PIL import Image
+    from cdul_ray.images import decode_image
 
     try:
         data = read_bytes(uri, endpoint_override)
     except Exception as e:  # missing file, permission, network: recorded, not fatal
-        return None, "read", f"{type(e).__name__}: {e}"
+        return None, "read", redact(f"{type(e).__name__}: {e}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB"), "", ""
-    except Exception as e:  # truncated / corrupt / unsupported image
-        return None, "decode", f"{type(e).__name__}: {e}"
+        return decode_image(data), "", ""
+    except Exception as e:  # ImageDecodeError, or a PIL failure decode_image does not anticipate
+        return None, "decode", redact(f"{type(e).__name__}: {e}")
