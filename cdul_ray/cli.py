@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cdul_ray import config as config_mod
+from cdul_ray import storage
 
 logger = logging.getLogger("cdul_ray")
 
@@ -31,7 +32,7 @@ def _label(args: argparse.Namespace) -> int:
 
         print(render_table(summary.evaluation))
         print()
-    print(summary.render())
+    print(storage.redact(summary.render()))
     return 0
 
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
 
 
@@ -117,7 +118,7 @@ def _job_command(module: str, config_name: str, run_name: str) -> Callable[[argp
     def run(args: argparse.Namespace) -> int:
         job = importlib.import_module(module)
         summary = getattr(job, run_name)(config_mod.from_args(getattr(job, config_name), args))
-        print(summary.render())
+        print(storage.redact(summary.render()))
         return 0
 
     def register(parser: argparse.ArgumentParser) -> None:

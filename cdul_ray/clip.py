@@ -183,7 +183,7 @@ def fetch_to_cache(uri: str, cache_dir: str, endpoint_override: str | None = Non
     target = folder / os.path.basename(uri.rstrip("/"))
     with FileLock(str(folder / ".lock")):
         if not target.is_file():
-            logger.info("fetching CLIP weights %s -> %s", uri, target)
+            logger.info("fetching CLIP weights %s -> %s", storage.redact(uri), target)
             tmp = target.with_suffix(target.suffix + ".part")
             tmp.write_bytes(storage.read_bytes(uri, endpoint_override))
             tmp.rename(target)
@@ -209,6 +209,8 @@ def load_clip(
         pretrained = spec.location
     else:
         pretrained = spec.pretrained
-    model = open_clip.create_model(spec.model, pretrained=pretrained, precision="fp32", device=device)
+    # weights_only=True: a .pt/.bin file is unpickled without running code (safetensors files never are pickles)
+    model = open_clip.create_model(spec.model, pretrained=pretrained, precision="fp32", device=device,
+                                   weights_only=True)
     model.eval()
     return model, open_clip.get_tokenizer(spec.model)

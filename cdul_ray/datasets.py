@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "coco", "voc", "nuswide", "folder", "manifest")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # what cdul_ray.images opens
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 # PASCAL VOC's 20 classes in the standard order, as the annotation files spell them -> natural names for CLIP prompts.
@@ -181,7 +181,10 @@ def load_dataset(
     Raises:
         FileNotFoundError: The root, an annotation/list file, or ``classes_file`` does not exist.
         ValueError: Unknown ``format``, ambiguous or unknown ``split``, missing ``classes_file`` where one is required,
-            malformed annotation files (the message names the file), duplicate image ids, or ``limit`` < 1.
+            malformed annotation files (the message names the file), or ``limit`` < 1.
+        ConfigError: (a ValueError naming the ``dataset`` field) the dataset lists no image, lists an image id more
+            than once (the ids are listed), or a COCO annotation names a category id missing from ``categories``
+            (the message names the file and the id).
     """
     if format not in FORMATS:
         raise ValueError(f"Unknown dataset format={format!r}; valid `format` values: {', '.join(FORMATS)}")
@@ -191,12 +194,14 @@ def load_dataset(
 
     fmt = detect_format(uri, endpoint_override) if format == "auto" else format
     if format == "auto":
-        logger.info("Detected dataset format %r for %s", fmt, uri)
+        logger.info("Detected dataset format %r for %s", fmt, storage.redact(uri))
     if split is not None and fmt in ("folder", "manifest"):
         logger.warning("`split`=%r is ignored by the %s reader", split, fmt)
 
     raw = READERS[fmt](_ReadRequest(uri, split, endpoint_override, vocabulary, limit, voc_include_difficult))
 
+    if not raw.image_ids:
+        raise _dataset_error(f"{raw.root} ({fmt}) lists no images: nothing to label")
     if limit is not None and len(raw.image_ids) > limit:
         raw.image_ids, raw.uris = raw.image_ids[:limit], raw.uris[:limit]
         if raw.gt is not None:
@@ -212,7 +217,7 @@ def load_dataset(
         len(raw.classes),
         fmt,
         raw.gt is not None,
-        raw.root,
+        storage.redact(raw.root),
     )
     return DatasetIndex(
         records=records, classes=raw.classes, has_ground_truth=raw.gt is not None, format=fmt, root=raw.root
@@ -337,7 +342,10 @@ def _read_coco(uri: str, split: str | None, endpoint_override: str | None) -> _R
             except (KeyError, TypeError) as e:
                 raise ValueError(f"{ann_uri}: malformed COCO annotation ({e!r})") from e
             if cat_id not in cat_index:
-                raise ValueError(f"{ann_uri}: annotation {ann.get('id')} has unknown category_id {cat_id!r}")
+                raise _dataset_error(
+                    f"{ann_uri}: annotation {ann.get('id')!r} (image {img_id}) names category_id {cat_id!r}, which is "
+                    f"not in the file's 'categories' (ids {sorted(cat_index, key=str)})"
+                )
             if img_id in present:
                 present[img_id].add(cat_index[cat_id])
             else:
@@ -517,7 +525,7 @@ def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str,
         )
     uris = storage.list_files(root, IMAGE_SUFFIXES, endpoint_override)
     if not uris:
-        raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise _dataset_error(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     image_ids = [_relative(u, root) for u in uris]
     return _Raw(image_ids=image_ids, uris=uris, gt=None, classes=vocabulary, root=root)
 
@@ -644,10 +652,25 @@ def _remap(
     return out
 
 
+def _dataset_error(message: str) -> ValueError:
+    """A ``ConfigError`` naming the ``dataset`` field (imported lazily: the config module imports torch)."""
+    from cdul_ray.config import ConfigError
+
+    return ConfigError("dataset", message)
+
+
+_MAX_LISTED = 20
+
+
 def _check_unique(image_ids: list[str], root: str) -> None:
+    """Raises ConfigError (field ``dataset``) listing the image ids that appear more than once (up to 20 of them)."""
     if len(set(image_ids)) != len(image_ids):
-        dupes = [i for i, n in Counter(image_ids).items() if n > 1]
-        raise ValueError(f"{root}: {len(dupes)} duplicate `image_id` values, e.g. {dupes[:5]}")
+        dupes = [(i, n) for i, n in Counter(image_ids).items() if n > 1]
+        listed = ", ".join(f"{i!r} ({n}x)" for i, n in dupes[:_MAX_LISTED])
+        more = f" and {len(dupes) - _MAX_LISTED} more" if len(dupes) > _MAX_LISTED else ""
+        raise _dataset_error(
+            f"{root}: {len(dupes)} `image_id` values appear more than once (ids must be unique): {listed}{more}"
+        )
 
 
 def _to_table(raw: _Raw) -> pa.Table:

@@ -4,6 +4,13 @@ A URI is either a local path (``/data/coco``, ``./out``, ``file:///data``) or ``
 S3 credentials come from the standard AWS chain (environment, ``~/.aws``, instance profile). An S3-compatible
 endpoint (MinIO, a test server) is set with ``AWS_ENDPOINT_URL`` (the variable boto3 also honours) or explicitly with
 ``endpoint_override``.
+
+Credentials never reach a log or an output file: :func:`redact` strips ``user:password@`` from every URL in a text and
+replaces the values of the AWS secret variables and of credentials seen in endpoint URLs; :func:`write_json` (run
+configs, summaries, evaluations) applies it to everything it writes, and error reasons and log messages go through it.
+An endpoint URL may carry credentials, ``http://ACCESS_KEY:SECRET_KEY@host:9000`` (percent-encode ``/ + @ :`` in
+them): pyarrow's ``endpoint_override`` takes no user info (it would try to resolve the host ``ACCESS_KEY``), so the
+user and password are passed as pyarrow's ``access_key``/``secret_key`` and take precedence over the AWS chain.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 
@@ -26,14 +35,89 @@ def s3_endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Credential redaction
+
+REDACTED = "***"
+# Environment variables whose values are secrets (matched by name) and the shortest value searched for in texts:
+# real AWS access key ids and secret keys are 20 and 40 characters, shorter values would match ordinary words.
+_SECRET_ENV = re.compile(r"^AWS_\w*(SECRET|TOKEN|ACCESS_KEY)\w*$")
+_MIN_SECRET_LEN = 8
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_seen_secrets: set[str] = set()  # credentials parsed from endpoint URLs by this process
+
+
+def _redact_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    userinfo = rest[:at]
+    # ``user:password@`` or ``user@`` before the host; ``s3://bucket/img@2x.jpg`` (an ``@`` in a path) is kept
+    if ":" in userinfo or "/" not in userinfo:
+        return f"{scheme}://{REDACTED}@{rest[at + 1:]}"
+    return url
+
+
+def _secret_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if _SECRET_ENV.match(k)} | _seen_secrets
+    return sorted((v for v in values if len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
+
+
+def redact(value: Any) -> Any:
+    """``value`` with credentials removed: for writing to logs, error rows and output files.
+
+    Strings: ``scheme://user:password@host`` (and ``scheme://user@host``) -> ``scheme://***@host``; the values of
+    environment variables named ``AWS_*SECRET*``, ``AWS_*TOKEN*``, ``AWS_*ACCESS_KEY*`` and of credentials parsed
+    from endpoint URLs by this process -> ``***`` (values of 8 characters or more). Dicts, lists and tuples are
+    redacted recursively (keys too); other values are returned unchanged.
+    """
+    if isinstance(value, str):
+        text = _URL.sub(lambda m: _redact_url(m.group(0)), value)
+        for secret in _secret_values():
+            text = text.replace(secret, REDACTED)
+        return text
+    if isinstance(value, dict):
+        return {redact(k): redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def split_endpoint(endpoint: str) -> tuple[str, str, str | None, str | None]:
+    """``[scheme://][user:password@]host[:port]`` -> ``(scheme, host[:port], user, password)``.
+
+    ``scheme`` defaults to ``https``; user and password are percent-decoded (None when absent).
+
+    Raises:
+        ValueError: a user without a password or the reverse (the message names ``s3_endpoint``, not the values).
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "https", endpoint
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return scheme, rest, None, None
+    user, colon, password = userinfo.partition(":")
+    if not user or not colon or not password:
+        raise ValueError(
+            f"config field `s3_endpoint`: credentials in the endpoint URL {redact(endpoint)} need both a user (the "
+            "access key) and a password (the secret key): scheme://ACCESS_KEY:SECRET_KEY@host"
+        )
+    return scheme, host, unquote(user), unquote(password)
+
+
 @lru_cache(maxsize=8)
 def _s3(endpoint_override: str | None, region: str | None) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {}
     if endpoint_override:
-        scheme, _, host = endpoint_override.partition("://")
-        kwargs["endpoint_override"] = host if host else endpoint_override
-        kwargs["scheme"] = scheme if host else "https"
+        scheme, host, user, password = split_endpoint(endpoint_override)
+        kwargs["endpoint_override"] = host
+        kwargs["scheme"] = scheme
         kwargs["force_virtual_addressing"] = False
+        if user is not None:
+            _seen_secrets.update((user, password, endpoint_override.partition("://")[2].rpartition("@")[0]))
+            kwargs["access_key"], kwargs["secret_key"] = user, password
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
@@ -98,7 +182,8 @@ def read_json(uri: str, endpoint_override: str | None = None) -> Any:
 
 
 def write_json(uri: str, obj: Any, endpoint_override: str | None = None) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False).encode(), endpoint_override)
+    """Write ``obj`` as indented JSON, credentials redacted (:func:`redact`): run configs and summaries go here."""
+    write_bytes(uri, json.dumps(redact(obj), indent=2, sort_keys=False).encode(), endpoint_override)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None, endpoint_override: str | None = None) -> list[str]:

@@ -303,10 +303,11 @@ def test_folder_reader(tmp_path):
         "e.bmp",
         "sub/c.jpeg",
         "sub/deeper/d.webp",
+        "sub/f.gif",  # GIF and TIFF are listed too (first frame, cdul_ray.images); notes.txt is not
     ]
     ids = index.records.column("image_id").to_pylist()
     assert index.records.column("uri").to_pylist() == [str(root / r) for r in ids]
-    assert index.records.column("gt_labels").to_pylist() == [None] * 5
+    assert index.records.column("gt_labels").to_pylist() == [None] * 6
     limited = load_dataset(str(root), format="folder", classes_file=vocab, limit=2)
     assert limited.records.column("image_id").to_pylist() == ["a.PNG", "b.jpg"]
 
@@ -504,6 +505,7 @@ def test_s3_coco_and_folder(tmp_path):
         "e.bmp",
         "sub/c.jpeg",
         "sub/deeper/d.webp",
+        "sub/f.gif",  # GIF and TIFF are listed too (first frame, cdul_ray.images); notes.txt is not
     ]
     assert folder.records.column("uri")[3].as_py() == "s3://cdul-test/raw/images/sub/c.jpeg"
 
