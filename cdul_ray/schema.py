@@ -143,7 +143,7 @@ def labels_schema(num_classes: int) -> pa.Schema:
         [
             pa.field("image_id", pa.string(), nullable=False),
             pa.field("uri", pa.string(), nullable=False),
-            pa.field("width", pa.int32(), nullable=False),  # pixels, of the decoded image
+            pa.field("width", pa.int32(), nullable=False),  # pixels, of the decoded image upright (EXIF applied)
             pa.field("height", pa.int32(), nullable=False),
             pa.field("gt_labels", pa.list_(pa.int32()), nullable=True),
         ]

@@ -151,8 +151,10 @@ def test_hostile_folder_without_ground_truth(ray_cluster, tiny_clip, tmp_path):
     summary = run_labeling(_labeling(root, out, tiny_clip, classes_file=str(hostile.write_classes(tmp_path / "c.txt"))))
     _check_run(out, cases, summary)
     assert summary.evaluation is None
-    exif_id = "exif_rotated.jpg"
-    assert cases[exif_id].size == (40, 64)
+    labels = pq.read_table(out / schema.LABELS_DIR).to_pylist()
+    (exif,) = [r for r in labels if r["image_id"] == "exif_rotated.jpg"]
+    assert (exif["width"], exif["height"]) == (40, 64)  # stored 64x40 with EXIF orientation 6
+    assert all(r["gt_labels"] is None for r in labels)
 
 
 @pytest.mark.slow
