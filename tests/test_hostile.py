@@ -179,11 +179,12 @@ def test_image_ids_cannot_steer_output_paths(ray_cluster, tiny_clip, tmp_path):
         (data / name).write_bytes(good)
     ids = ["../../escaped", f"{tmp_path}/absolute", "..\\..\\windows", "../../" + schema.RUN_CONFIG_FILE]
     manifest = data / "m.csv"
-    manifest.write_text("image_id,uri\n" + "".join(f"{i},{u}\n" for i, u in
-                                                   zip(ids, ("a.jpg", "b.jpg", "c.jpg", "gone.jpg"))))
+    manifest.write_text("image_id,uri,labels\n" + "".join(f"{i},{u},circle\n" for i, u in
+                                                          zip(ids, ("a.jpg", "b.jpg", "c.jpg", "gone.jpg"))))
+    classes = str(hostile.write_classes(data / "c.txt"))
     out = tmp_path / "deep" / "er" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    summary = run_labeling(_labeling(manifest, out, tiny_clip, classes_file=str(hostile.write_classes(data / "c.txt"))))
+    summary = run_labeling(_labeling(manifest, out, tiny_clip, classes_file=classes, evaluate=False))
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p == out or out in p.parents or p in out.parents for p in created), sorted(created)
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -192,3 +193,26 @@ def test_image_ids_cannot_steer_output_paths(ray_cluster, tiny_clip, tmp_path):
     (err,) = pq.read_table(out / schema.ERRORS_DIR).to_pylist()
     assert err["image_id"] == ids[3] and err["stage"] == "read" and "gone.jpg" in err["reason"]
     assert (summary.labeled, summary.errors) == (3, 1)
+
+
+def test_training_and_prediction_decode_share_the_hostile_handling(tmp_path):
+    """``decode_resized`` (training and batch prediction) uses the same decoder: same error rows, upright pixels.
+
+    The one difference: a 1×1 image has no K×K snippet grid to fail on here; it is resized like any other.
+    """
+    import numpy as np
+
+    from cdul_ray.train import decode_resized
+
+    cases = hostile.write_hostile_folder(tmp_path)
+    names = sorted(cases)
+    out = decode_resized({"uri": np.array([str(tmp_path / n) for n in names], dtype=object)}, 16, None)
+    for i, name in enumerate(names):
+        case = cases[name]
+        if case.size is not None or name == "one_pixel.png":
+            assert out["error_stage"][i] == "" and out["pixels"][i].any(), name
+        else:
+            assert out["error_stage"][i] == case.stage and case.reason in out["error_reason"][i], name
+            assert not out["pixels"][i].any()
+    exif = out["pixels"][names.index("exif_rotated.jpg")]  # (3, 16, 16): upright, the red half on top
+    assert exif[0, 2, 8] > 200 and exif[2, 2, 8] < 60 and exif[2, 13, 8] > 200 and exif[0, 13, 8] < 60
