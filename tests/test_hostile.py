@@ -188,7 +188,10 @@ def test_image_ids_cannot_steer_output_paths(ray_cluster, tiny_clip, tmp_path):
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p == out or out in p.parents or p in out.parents for p in created), sorted(created)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [schema.LABELS_DIR, schema.ERRORS_DIR, schema.CLASSES_FILE, schema.RUN_CONFIG_FILE, schema.SUMMARY_FILE])
+        [schema.LABELS_DIR, schema.ERRORS_DIR, schema.CLASSES_FILE, schema.RUN_CONFIG_FILE, schema.SUMMARY_FILE,
+         schema.INDEX_DIR, schema.CHECKPOINT_DIR])
+    for sub in (schema.LABELS_DIR, schema.ERRORS_DIR, schema.INDEX_DIR, schema.CHECKPOINT_DIR):
+        assert all(p.is_file() and p.suffix == ".parquet" and p.parent == out / sub for p in (out / sub).rglob("*"))
     assert sorted(pq.read_table(out / schema.LABELS_DIR)["image_id"].to_pylist()) == sorted(ids[:3])
     (err,) = pq.read_table(out / schema.ERRORS_DIR).to_pylist()
     assert err["image_id"] == ids[3] and err["stage"] == "read" and "gone.jpg" in err["reason"]
