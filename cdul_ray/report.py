@@ -42,7 +42,8 @@ def write_report(output: str, evaluation: dict[str, Any], n_images: int = 8, top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pyarrow.dataset as pads
-    from PIL import Image
+
+    from cdul_ray.images import decode_image
 
     folder = storage.join(output, schema.REPORT_DIR)
     classes = evaluation["classes"]
@@ -73,10 +74,9 @@ def write_report(output: str, evaluation: dict[str, Any], n_images: int = 8, top
         row = {k: table[k][i].as_py() for k in ("image_id", "uri", "gt_labels", schema.SOFT_LABEL)}
         ax = axes.flat[i]
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(row["uri"], endpoint_override))) as im:
-                ax.imshow(im.convert("RGB"))
+            ax.imshow(decode_image(storage.read_bytes(row["uri"], endpoint_override)))  # upright, as labeled
         except Exception as e:  # the report must not fail on one image
-            logger.warning("report: cannot show %s: %s", row["uri"], e)
+            logger.warning("report: cannot show %s: %s", storage.redact(row["uri"]), storage.redact(str(e)))
         truth = set(row["gt_labels"] or [])
         y = np.asarray(row[schema.SOFT_LABEL])
         top = np.argsort(-y)[:top_k]
