@@ -205,7 +205,7 @@ def test_training_and_prediction_decode_share_the_hostile_handling(tmp_path):
     """
     import numpy as np
 
-    from cdul_ray.train import decode_resized
+    from cdul_ray.classifier import decode_resized
 
     cases = hostile.write_hostile_folder(tmp_path)
     names = sorted(cases)

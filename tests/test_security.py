@@ -131,7 +131,8 @@ def _malicious_state_dict(path, marker) -> None:
 
 
 def test_classifier_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from cdul_ray.train import MODEL_META, MODEL_WEIGHTS, load_model_dir
+    from cdul_ray.classifier import load_model_dir
+    from cdul_ray.schema import MODEL_META, MODEL_WEIGHTS
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "ckpt"
@@ -168,7 +169,7 @@ def test_clip_weights_with_pickled_code_are_refused(tmp_path, tiny_clip):
 
 
 def test_backbone_weights_file_with_pickled_code_is_refused(tmp_path):
-    from cdul_ray.train import BackboneWeightsError, create_classifier
+    from cdul_ray.classifier import BackboneWeightsError, create_classifier
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "backbone.pth"
