@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import Stage, count_rows, prepare_output, stream_to_parquet
-from cdul_ray.config import ConfigError, _f, to_dict
+from cdul_ray.config import ConfigError, _f, check_output_location, to_dict
 from cdul_ray.resources import actor_pool
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class PredictConfig:
         for name in ("checkpoint", "dataset", "output"):
             if not getattr(self, name):
                 raise ConfigError(name, "is required")
+        check_output_location("output", self.output)
         if self.format not in FORMATS:
             raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
         for name in ("batch_size", "decode_batch_size", "min_actors", "rows_per_file"):

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from cdul_ray import schema, storage
-from cdul_ray.config import ConfigError, _f, to_dict
+from cdul_ray.config import ConfigError, _f, check_output_location, to_dict
 from cdul_ray.core.label_update import LOSSES, PSI
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class TrainConfig:
         for name in ("labels", "dataset", "output"):
             if not getattr(self, name):
                 raise ConfigError(name, "is required")
+        check_output_location("output", self.output)
         if self.format not in FORMATS:
             raise ConfigError("format", f"{self.format!r} is not one of {FORMATS}")
         if not self.backbone:
@@ -361,10 +362,10 @@ class OpenClipTrunk(nn.Module):
 
 
 def _open_clip_trunk(name: str, pretrained: str | None, endpoint_override: str | None, cache_dir: str) -> OpenClipTrunk:
-    from cdul_ray.clip import _open_clip, load_clip, resolve_weights
+    from cdul_ray.clip import create_architecture, load_clip, resolve_weights
 
     if pretrained is None:  # the architecture only (weights come from a state dict)
-        model = _open_clip().create_model(name, pretrained=None)
+        model = create_architecture(name)
         mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     else:
         spec = resolve_weights(name, pretrained, endpoint_override=endpoint_override)
@@ -689,43 +690,11 @@ def read_history(output: str, endpoint_override: str | None = None) -> list[dict
     return rows
 
 
-def render_cam_png(pixels: np.ndarray, cams: np.ndarray, probs: np.ndarray, classes: list[str],
-                   gt: list[int] | None, title: str, top_k: int = 3) -> bytes:
-    """One image and the CAMs of its ``top_k`` most probable classes, as PNG bytes.
+def render_cam_png(*args: Any, **kwargs: Any) -> bytes:
+    """CAM panel PNG: see ``cdul_ray.report.render_cam_png`` (the one place figures are drawn)."""
+    from cdul_ray.report import render_cam_png as render
 
-    Args:
-        pixels: [3, S, S] uint8 network input (before normalisation).
-        cams: [C, h, w] class activation maps (logit units).
-        probs: [C] predicted probabilities in [0, 1].
-        gt: ground-truth class indices, or None; marked "(gt)" in the panel titles.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    image = pixels.transpose(1, 2, 0)  # (S, S, 3)
-    size = image.shape[0]
-    order = np.argsort(-probs)[:top_k]
-    fig = Figure(figsize=(2.6 * (len(order) + 1), 3.2), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(order) + 1, squeeze=False)[0]
-    gt_names = [classes[i] for i in (gt or [])]
-    axes[0].imshow(image)
-    axes[0].set_title(f"{title}\ngt: {', '.join(gt_names) if gt is not None else 'n/a'}", fontsize=7)
-    for ax, c in zip(axes[1:], order):
-        cam = torch.from_numpy(cams[c][None, None].astype(np.float32))
-        up = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-        up = up.numpy()
-        up = (up - up.min()) / (up.max() - up.min() + 1e-8)  # [0, 1]
-        ax.imshow(image)
-        ax.imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        mark = " (gt)" if gt is not None and c in gt else ""
-        ax.set_title(f"{classes[c]}{mark}\np={probs[c]:.2f}", fontsize=7)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout(pad=1.2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return render(*args, **kwargs)
 
 
 def _safe_name(image_id: str) -> str:
@@ -1226,7 +1195,26 @@ def _dataset(records: pa.Table, cfg: TrainConfig, endpoint: str | None, cache: b
     ds.context.execution_options.preserve_order = True  # the cached blocks keep the (seeded) row order
     ds = ds.map_batches(decode_resized, fn_kwargs={"image_size": cfg.image_size, "endpoint_override": endpoint},
                         batch_size=cfg.decode_batch_size, num_cpus=1)
-    return ds.materialize() if cache else ds
+    if cache:
+        _wait_for_free_cpu()
+        ds = ds.materialize()  # progress shown on the driver (bars on a TTY, periodic lines otherwise)
+    # Consumed inside Ray Train (split coordinator, workers): their tqdm bars would be forwarded to the driver's
+    # console as hundreds of redraws; the epoch lines of the training loop report progress instead.
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def _wait_for_free_cpu(timeout_s: float = 5.0) -> None:
+    """Wait (at most ``timeout_s``) until the cluster reports a free CPU before a driver-side Dataset execution.
+
+    A previous execution's tasks hand their CPUs back a moment after it returns; Ray Data checks
+    ``ray.available_resources()`` when an execution starts and, seeing none, warns that "The Dataset job will hang".
+    """
+    import ray
+
+    deadline = time.time() + timeout_s
+    while not ray.available_resources().get("CPU") and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _cache_decoded(cfg: TrainConfig, n_images: int) -> bool:
