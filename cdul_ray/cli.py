@@ -82,7 +82,7 @@ def _label(args: argparse.Namespace) -> int:
         print(render_table(summary.evaluation))
         print()
     print(summary.render())
-    if cfg.report and summary.labeled:
+    if cfg.report and summary.labeled_total:
         from cdul_ray.report import write_report
 
         print(f"  report         {write_report(summary.output, summary.evaluation, endpoint_override=cfg.s3_endpoint)}")
