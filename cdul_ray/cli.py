@@ -107,8 +107,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         parts = []
     if not parts:
         raise config_mod.ConfigError(
-            "output", f"{args.output} holds a labeling run that did not finish: no label files in {labels}. "
-                      f"Rerun its `cdul label` command (its config: {run_config}) with --overwrite, then evaluate again")
+            "output", f"{args.output} holds a labeling run that did not finish: no label files in {labels}. Rerun its "
+                      f"`cdul label` command (its config: {run_config}; the same --output resumes it), then evaluate")
     if threshold is None:
         threshold = storage.read_json(run_config, args.s3_endpoint)["threshold"]
     if not 0.0 <= threshold <= 1.0:

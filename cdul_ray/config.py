@@ -86,8 +86,9 @@ def check_output_location(field_name: str, value: str) -> None:
     if job is None or not value or "://" in value or os.path.isabs(os.path.expanduser(value)):
         return
     raise ConfigError(field_name, f"{value!r} is a relative path, and this is a `ray job submit` job ({job}) that runs "
-                                  f"in Ray's temporary working directory ({os.getcwd()}), which is deleted with the "
-                                  "job: pass an absolute path (shared storage on a multi-node cluster) or an s3:// URI")
+                                  f"in Ray's temporary working directory ({os.getcwd()}), which Ray removes once no "
+                                  "job uses it: pass an absolute path (shared storage on a multi-node cluster) or an "
+                                  "s3:// URI")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 METHODS = ("global", "avg", "max", "cdul")
-MAX_CLASS_PANELS = 40
-MAX_SCENE_LABELS = 6  # labels listed per image in scenes.png  # per-class panels drawn (the most frequent / highest-scoring classes first)
+MAX_CLASS_PANELS = 40  # per-class panels drawn (the most frequent / highest-scoring classes first)
+MAX_SCENE_LABELS = 6  # labels listed per image in scenes.png
 
 
 def _png(fig: Any, dpi: int = 110) -> bytes:

@@ -151,7 +151,7 @@ def test_unknown_model_says_did_you_mean_with_a_short_list():
 def test_unknown_pretrained_tag_says_did_you_mean():
     from cdul_ray.clip import WeightsNotFoundError, resolve_weights
 
-    with pytest.raises(WeightsNotFoundError, match=r"^--pretrained .*'opnai' is not a known tag .*Did you mean openai\?"):
+    with pytest.raises(WeightsNotFoundError, match=r"^--pretrained .*'opnai' is not a known tag .*Did you mean openai"):
         resolve_weights("RN50", "opnai")
 
 
@@ -226,7 +226,7 @@ def test_evaluate_on_a_run_that_did_not_finish_says_what_to_do(tmp_path, capsys)
     assert main(["evaluate", "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"no label files in {tmp_path / 'run' / 'labels'}" in err
-    assert "Rerun its `cdul label` command" in err and "--overwrite" in err
+    assert "Rerun its `cdul label` command" in err and "the same --output resumes it" in err
 
 
 @pytest.mark.slow
