@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -282,7 +283,14 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
     try:
         if not records.num_rows:
             return StreamResult(0, 0)
-        ds = ray.data.read_parquet(index_dir, filesystem=fs)
+        shown = ctx.enable_progress_bars
+        # read_parquet's file-sampling tqdm bar ignores a non-terminal console (redraws in logs): off for that call
+        ctx.enable_progress_bars = shown and sys.stderr.isatty()
+        try:
+            ds = ray.data.read_parquet(index_dir, filesystem=fs)
+        finally:
+            ctx.enable_progress_bars = shown
+        ds.context.enable_progress_bars = shown  # the labeling stages keep Ray's progress
         # index files hold `rows_per_file` rows (few files on S3); decode tasks take small blocks (parallelism)
         ds = ds.repartition(target_num_rows_per_block=stages[0].batch_size)
         for stage in stages:
