@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -283,7 +284,14 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
     )
     ctx.use_datasource_v2 = False  # 2.60's V2 Parquet reader merges small files into one block: nothing would stream
     try:
-        ds = ray.data.read_parquet(index_dir, filesystem=fs)
+        shown = ctx.enable_progress_bars
+        # read_parquet's file-sampling tqdm bar ignores a non-terminal console (redraws in logs): off for that call
+        ctx.enable_progress_bars = shown and sys.stderr.isatty()
+        try:
+            ds = ray.data.read_parquet(index_dir, filesystem=fs)
+        finally:
+            ctx.enable_progress_bars = shown
+        ds.context.enable_progress_bars = shown  # the labeling stages keep Ray's progress
         # index files hold `rows_per_file` rows (few files on S3); decode tasks take small blocks (parallelism)
         ds = ds.repartition(target_num_rows_per_block=stages[0].batch_size)
         for stage in stages:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -162,10 +160,10 @@ class OpenClipTrunk(nn.Module):
 
 
 def open_clip_trunk(name: str, pretrained: str | None, endpoint_override: str | None, cache_dir: str) -> OpenClipTrunk:
-    from cdul_ray.clip import load_clip, open_clip_module, resolve_weights
+    from cdul_ray.clip import create_architecture, load_clip, resolve_weights
 
     if pretrained is None:  # the architecture only (weights come from a state dict)
-        model = open_clip_module().create_model(name, pretrained=None)
+        model = create_architecture(name)
         mean, std = CLIP_MEAN, CLIP_STD
     else:
         spec = resolve_weights(name, pretrained, endpoint_override=endpoint_override)
@@ -193,17 +191,6 @@ def check_backbone(name: str) -> None:
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:10]
         raise ConfigError("backbone", f"unknown timm model {name!r}; similar names: {close or 'none'} "
                                       "(all: timm.list_models())")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _cached_hub_file(hf_hub_id: str) -> str | None:
@@ -270,7 +257,9 @@ def resolve_backbone_weights(name: str, pretrained: str, endpoint_override: str 
     cached = _cached_hub_file(hub_id) if hub_id else None
     if cached:
         return cached, f"ImageNet weights {hub_id} (local cache {cached})"
-    if _hub_reachable():
+    from cdul_ray.clip import hub_reachable
+
+    if hub_reachable():
         return "hub", f"ImageNet weights {hub_id or cfg.url} (downloaded by timm)"
     msg = (f"ImageNet weights for {name!r} ({hub_id}) are not cached and the Hugging Face hub is unreachable "
            "(offline?)")

@@ -15,10 +15,14 @@ and everything tried; ``load_clip`` runs inside actors.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import json
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,13 @@ logger = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"
 RANDOM_INIT = "none"
+# What works without internet; appended to every hub failure.
+OFFLINE_OPTIONS = (
+    "Offline options: the bundled small CLIP (--model cdul-synth-rn --pretrained synth), a local weights file "
+    "(--pretrained /path/to/weights.safetensors, .pt or .bin), an s3:// URI, or a folder with open_clip_config.json "
+    "and weights (--model local-dir:/path/to/folder)"
+)
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -125,9 +136,13 @@ def resolve_weights(model: str, pretrained: str, download: bool = True, endpoint
         model = LOCAL_DIR + str(folder.resolve())
         return ClipSpec(model, pretrained, "local-dir", None, _preprocess_cfg(open_clip, model, None))
     if open_clip.get_model_config(model) is None:
+        names = open_clip.list_models()
+        close = difflib.get_close_matches(model, names, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UnknownModelError(
-            f"unknown CLIP model {model!r} (field `model`); valid names: {', '.join(open_clip.list_models())}, "
-            f"or 'local-dir:/path/to/folder'"
+            f"--model (config field `model`): unknown CLIP model {model!r}; {hint}Other choices: the bundled offline "
+            f"model cdul-synth-rn, a folder as local-dir:/path/to/folder, or any of the {len(names)} names of "
+            "open_clip.list_models()"
         )
     if pretrained.lower() == RANDOM_INIT:
         logger.warning("model %s with pretrained=none: random weights, scores are meaningless", model)
@@ -140,13 +155,17 @@ def resolve_weights(model: str, pretrained: str, download: bool = True, endpoint
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if tag_cfg:
         if download:
+            source = tag_cfg.get("hf_hub") or tag_cfg.get("url")
+            offline = _hub_offline()
             try:
-                open_clip.download_pretrained(tag_cfg)
+                with _hf_offline(offline):  # offline: only open_clip's cache is looked at, no retries
+                    open_clip.download_pretrained(tag_cfg)
             except Exception as e:  # network errors come in many types
+                why = "download failed: the hub is off (HF_HUB_OFFLINE) or unreachable (no internet?) and the " \
+                      "weights are not in the cache" if offline else "download failed"
                 raise WeightsNotFoundError(
-                    f"model {model!r}, pretrained tag {pretrained!r}: download failed (tried: open_clip hub "
-                    f"{tag_cfg.get('hf_hub') or tag_cfg.get('url')}). Without internet, pass a local file or an "
-                    f"s3:// URI as `pretrained`. Cause: {e}"
+                    f"--pretrained (config field `pretrained`): model {model!r}, pretrained tag {pretrained!r}: {why} "
+                    f"(tried: open_clip hub {source}). {OFFLINE_OPTIONS}. Cause: {e}"
                 ) from e
         return ClipSpec(model, pretrained, "tag", None, _preprocess_cfg(open_clip, model, tag_cfg))
     if storage.is_s3(pretrained):
@@ -158,10 +177,94 @@ def resolve_weights(model: str, pretrained: str, download: bool = True, endpoint
         return ClipSpec(model, pretrained, "file", str(path.resolve()), _preprocess_cfg(open_clip, model, None))
     tags = open_clip.list_pretrained_tags_by_model(model)
     bundled_tags = [t for (m, t) in _bundled_tags() if m == model]
+    close = difflib.get_close_matches(pretrained, tags + bundled_tags, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise WeightsNotFoundError(
-        f"model {model!r}: pretrained {pretrained!r} is not a known tag ({', '.join(tags + bundled_tags) or 'none'}), "
-        f"not an existing local file (tried: {path.resolve()}) and not an s3:// URI"
+        f"--pretrained (config field `pretrained`): model {model!r}: pretrained {pretrained!r} is not a known tag "
+        f"({', '.join(tags + bundled_tags) or 'none'}), not an existing local file (tried: {path.resolve()}) and not "
+        f"an s3:// URI.{hint}"
     )
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """True when one TCP connect to the Hugging Face hub (``huggingface_hub.constants.ENDPOINT``, port 443) succeeds
+    within ``timeout`` seconds; the one reachability probe used before any hub download (CLIP and timm weights)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face hub is off (``HF_HUB_OFFLINE``) or unreachable within a few seconds.
+
+    huggingface_hub retries a failed request 5 times with back-off and open_clip asks for two file names, which made
+    a missing network cost about a minute; one TCP connect to the hub answers in ``HUB_PROBE_TIMEOUT_S`` at most.
+    """
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or not hub_reachable()
+
+
+@contextlib.contextmanager
+def _hf_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (cache only, no request) for the duration of the block, when ``offline``."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+class _OpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO steps and its 'initialized randomly' warning (see ``quiet_open_clip``)."""
+
+    def __init__(self, drop_random_init_warning: bool):
+        super().__init__()
+        self.drop_random_init_warning = drop_random_init_warning
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not (self.drop_random_init_warning and "initialized randomly" in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_open_clip(weights_loaded_later: bool = False) -> Iterator[None]:
+    """Silence open_clip's model-building log on the root logger for the duration of the block.
+
+    open_clip logs every step of ``create_model`` at INFO on the root logger (shown in Ray Train workers, whose root
+    logger is at INFO). With ``weights_loaded_later`` (the caller loads a state dict right after), its warning "No
+    pretrained weights loaded ... Model initialized randomly." is false and dropped too; every other warning stays.
+    """
+    chatter = _OpenClipChatter(weights_loaded_later)
+    root = logging.getLogger()
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+
+
+def create_architecture(model: str):
+    """An open_clip CLIP module of ``model`` without weights, for a caller that loads a state dict into it next.
+
+    Returns:
+        The open_clip CLIP module (fp32, random init until the caller loads its weights).
+    """
+    with quiet_open_clip(weights_loaded_later=True):
+        return open_clip_module().create_model(model, pretrained=None)
 
 
 def _bundled_tags() -> list[tuple[str, str]]:
@@ -210,7 +313,8 @@ def load_clip(
     else:
         pretrained = spec.pretrained
     # weights_only=True: a .pt/.bin file is unpickled without running code (safetensors files never are pickles)
-    model = open_clip.create_model(spec.model, pretrained=pretrained, precision="fp32", device=device,
-                                   weights_only=True)
+    with quiet_open_clip():
+        model = open_clip.create_model(spec.model, pretrained=pretrained, precision="fp32", device=device,
+                                       weights_only=True)
     model.eval()
     return model, open_clip.get_tokenizer(spec.model)

@@ -21,11 +21,74 @@ from cdul_ray.core.alignment import DEFAULT_TEMPLATES
 
 
 class ConfigError(ValueError):
-    """A config field is invalid; ``field`` names it."""
+    """A config field is invalid; ``field`` names it, the message names the flag the user typed and the field.
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"config field `{field_name}`: {message}")
+    ``ConfigError("classes_file", "file not found: /x.txt")`` reads
+    ``--classes-file (config field `classes_file`): file not found: /x.txt``. Pass ``flag=None`` for a name that is not
+    a flag (an unknown YAML key).
+    """
+
+    def __init__(self, field_name: str, message: str, flag: str | None = ""):
+        if flag == "":
+            flag = flag_name(field_name)
+        prefix = f"{flag} (config field `{field_name}`)" if flag else f"config field `{field_name}`"
+        super().__init__(f"{prefix}: {message}")
         self.field = field_name
+        self.flag = flag
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: ``classes_file`` -> ``--classes-file``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def choice_error(field_name: str, value: Any, choices: typing.Iterable[str]) -> ConfigError:
+    """ConfigError for a value outside ``choices``, with a "did you mean" when one is close (difflib)."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(field_name, f"{value!r} is not one of {', '.join(choices)}{hint}")
+
+
+# Set by Ray's job supervisor in the environment of every `ray job submit` driver: {"metadata": {"job_submission_id":
+# ...}, "runtime_env": ...} (ray/dashboard/modules/job/job_supervisor.py, _get_driver_env_vars, Ray 2.60).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job_id() -> str | None:
+    """The submission id when this process is the driver of a ``ray job submit`` job, else None."""
+    import os
+
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        meta = {}
+    return str(meta.get("job_submission_id") or "unknown")
+
+
+def check_output_location(field_name: str, value: str) -> None:
+    """Refuse a relative local output path in a ``ray job submit`` driver.
+
+    Such a driver runs in Ray's temporary copy of ``--working-dir`` (under the session directory), so ``out/x`` would
+    land there and vanish with it while the summary prints ``out/x``.
+
+    Raises:
+        ConfigError: ``value`` is a relative local path and this process is a submitted job's driver.
+    """
+    import os
+
+    job = submitted_job_id()
+    if job is None or not value or "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return
+    raise ConfigError(field_name, f"{value!r} is a relative path, and this is a `ray job submit` job ({job}) that runs "
+                                  f"in Ray's temporary working directory ({os.getcwd()}), which Ray removes once no "
+                                  "job uses it: pass an absolute path (shared storage on a multi-node cluster) or an "
+                                  "s3:// URI")
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -59,9 +122,10 @@ def require(cfg: Any, *names: str) -> None:
 
 
 def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
+    """The field is one of ``choices`` (the error suggests the closest)."""
     value = getattr(cfg, name)
     if value not in choices:
-        raise ConfigError(name, f"{value!r} is not one of {choices}")
+        raise choice_error(name, value, choices)
 
 
 def check_at_least(cfg: Any, low: float, *names: str) -> None:
@@ -82,15 +146,17 @@ def check_positive(cfg: Any, *names: str) -> None:
 def check_tristate(cfg: Any, *names: str) -> None:
     """Each field is ``auto``, ``true`` or ``false`` (``use_gpu``, ``cache_decoded``)."""
     for name in names:
-        if getattr(cfg, name) not in GPU_MODES:
-            raise ConfigError(name, f"must be auto, true or false, got {getattr(cfg, name)!r}")
+        check_choice(cfg, name, GPU_MODES)
 
 
 def check_dataset_input(cfg: Any, *required: str) -> None:
-    """The required URIs, ``format`` and ``limit`` of a job that reads a dataset."""
+    """The required URIs, ``format`` and ``limit`` of a job that reads a dataset; a required ``output`` must not be a
+    relative local path under ``ray job submit`` (``check_output_location``)."""
     from cdul_ray.datasets import FORMATS
 
     require(cfg, *required)
+    if "output" in required:
+        check_output_location("output", cfg.output)
     check_choice(cfg, "format", FORMATS)
     check_at_least(cfg, 1, "limit")
 
@@ -108,8 +174,8 @@ def check_actor_pool(cfg: Any) -> None:
 # The bundled small CLIP and synthetic benchmark: what --smoke-test and the demo run on.
 SMOKE_MODEL = ("cdul-synth-rn", "synth")
 SMOKE_IMAGES = 8  # images of every --smoke-test: labeling, training and prediction
-# ζ default: the best of the ζ sweep on the synthetic benchmark (docs/benchmark.md: 0 to 0.1 tie, 33.6 mAP); the paper
-# searches [0, 0.4]. Re-measure whenever the bundled CLIP changes.
+# ζ default; the paper searches [0, 0.4]. docs/benchmark.md records the current ζ sweep of the demo (re-measure it
+# whenever the bundled CLIP changes).
 DEFAULT_THRESHOLD = 0.1
 
 
@@ -142,6 +208,7 @@ class LabelConfig:
     cache_dir: str = option("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
     overwrite: bool = option(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
     evaluate: bool = option(True, "compute the pseudo-label mAP table when the dataset has ground truth")
+    report: bool = option(True, "write report/ next to the labels: label sets per image, thresholds, PNG charts")
     smoke_test: bool = option(
         False, f"a few images ({SMOKE_IMAGES}) with the bundled small CLIP, on CPU (synthetic scenes if no dataset)"
     )
@@ -149,6 +216,12 @@ class LabelConfig:
     def validate(self) -> "LabelConfig":
         """Check every field; returns self. Raises ConfigError naming the first bad field."""
         check_dataset_input(self, "dataset", "output")
+        if self.classes_file and "://" not in self.classes_file:
+            import os
+
+            path = os.path.abspath(os.path.expanduser(self.classes_file))
+            if not os.path.isfile(path):
+                raise ConfigError("classes_file", f"file not found: {path} (a text file, one class name per line)")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ConfigError("templates", f"each template needs one '{{}}' placeholder, got {list(self.templates)}")
         check_at_least(self, 1, "grid")
@@ -244,7 +317,12 @@ def from_mapping(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(unknown[0], f"unknown field; valid fields: {', '.join(sorted(names))}")
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise ConfigError(unknown[0], f"unknown field in the YAML file; {hint}valid fields: {', '.join(sorted(names))}",
+                          flag=None)
     return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
 
@@ -257,26 +335,56 @@ def load_yaml(cls: type, path: str) -> Any:
     return from_mapping(cls, data)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per config field (underscores become dashes), all defaulting to 'not given'."""
-    parser.add_argument("--config", help="YAML file of field: value (flags given on the command line win)")
+def _default_text(default: Any) -> str | None:
+    """How a default reads in ``--help``: None when there is nothing worth printing."""
+    if default is None or default == "":
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return " ".join(repr(v) if " " in str(v) else str(v) for v in default)
+    return str(default)
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    """A field's ``--help`` line: its help, then its default unless the help already tells it (``%`` escaped)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    help_text = f.metadata.get("help", "")
+    shown = _default_text(default)
+    if shown is not None and "default" not in help_text:
+        help_text += f" (default: {shown})"
+    return help_text.replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, required_note: str = "") -> None:
+    """One ``--flag`` per config field (underscores become dashes), all defaulting to 'not given'.
+
+    Fields with ``required=True`` metadata are listed in their own "required" group (argparse cannot enforce them:
+    ``--config`` may supply them, and ``--smoke-test`` some); ``required_note`` says when they are not needed.
+    """
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+    fields = dataclasses.fields(cls)
+    required = None
+    if any(f.metadata.get("required") for f in fields):
+        required = parser.add_argument_group(f"required{required_note}")
+        parser._action_groups.insert(1, parser._action_groups.pop())  # listed before the options in --help
+    parser.add_argument("--config", metavar="YAML", help="YAML file of field: value (flags on the command line win)")
+    for f in fields:
+        flag = flag_name(f.name)
         tp = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = _help_text(f)
+        group = required if f.metadata.get("required") else parser
         if f.metadata.get("gpu"):
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="{auto,true,false}",
-                                help=help_text + "; the flag alone means true")
-            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="false",
-                                help=f"same as {flag} false")
+            group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="{auto,true,false}",
+                               help=help_text + "; the flag alone means true")
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="false",
+                               help=f"same as {flag} false")
         elif tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
+            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar=f.name.upper(), help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

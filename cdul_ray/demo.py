@@ -45,12 +45,13 @@ class DemoConfig:
     report: bool = option(True, "write the PNG report next to the labels")
 
     def validate(self) -> "DemoConfig":
-        from cdul_ray.config import ConfigError, check_at_least
+        from cdul_ray.config import ConfigError, check_at_least, check_output_location
 
         check_at_least(self, 1, "train_images", "test_images", "batch_size", "max_actors", "train_epochs")
         check_at_least(self, 0, "val_images")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
+        check_output_location("output", self.output)
         return self
 
 
@@ -68,55 +69,109 @@ def label_split(cfg: DemoConfig, split: str, evaluate: bool = True) -> Any:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the demo; returns {"table1": evaluation of the train split, "table2": classifier results or None}."""
+    """Run the demo; returns {"table1": evaluation of the train split, "table2": classifier results or None}.
+
+    The console shows one line per step and Ray's progress while it runs (bars on a terminal, periodic lines
+    otherwise); the tables and the path of every output are printed once, at the end, after Ray is disconnected (when
+    the demo connected it), so no forwarded worker line lands after them.
+    """
     import ray
 
-    from cdul_ray.evaluate import render_table
     from cdul_ray.synthetic.generate import generate
 
     cfg = cfg.validate()
+    steps = 3 + (2 if cfg.train else 0)
+    _step(1, steps, f"synthetic benchmark in {cfg.data} (generated if absent)")
     generate(cfg.data, seed=cfg.seed, counts={"train": cfg.train_images, "val": cfg.val_images,
                                               "test": cfg.test_images}, workers=2)
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         ray.init()
+    _step(2, steps, f"labeling the train split ({cfg.train_images} scenes) with the bundled CLIP")
     summary = label_split(cfg, "train")
     table1 = summary.evaluation
-    print("\nTable 1 layout — initial soft pseudo labels on the train split (train ground truth):\n")
-    print(render_table(table1))
-    print()
-    print(summary.render())
+    report = None
     if cfg.report:
         from cdul_ray.report import write_report
 
-        print(f"  report         {write_report(summary.output, table1)}")
+        _step(3, steps, "writing the report")
+        report = write_report(summary.output, table1)
     result: dict[str, Any] = {"table1": table1, "table2": None}
+    trained: list[str] = []
     if cfg.train:
-        result["table2"] = _table2(cfg, summary)
+        result["table2"], trained = _table2(cfg, summary, steps)
     storage.write_json(storage.join(cfg.output, schema.DEMO_FILE), {"config": dataclasses.asdict(cfg), **result})
+    if connected_here:
+        ray.shutdown()  # stops the forwarding of worker logs: nothing prints after the tables
+    print(render_results(cfg, summary, result, report, trained), flush=True)
     return result
 
 
-def _table2(cfg: DemoConfig, train_summary: Any) -> dict[str, float]:
-    """Classifier test mAP with and without label updates beside zero-shot global CLIP on the test split."""
+def _step(i: int, n: int, text: str) -> None:
+    print(f"[{i}/{n}] {text}", flush=True)
+
+
+def render_results(cfg: DemoConfig, summary: Any, result: dict[str, Any], report: str | None,
+                   trained: list[str]) -> str:
+    """The demo's final screen: Table 1, the ζ sweep, Table 2 (when trained) and the path of every output."""
+    from cdul_ray.evaluate import render_table
+
+    lines = ["", "Table 1 layout: initial soft pseudo labels on the train split (train ground truth)", "",
+             render_table(result["table1"]), ""]
+    if result["table2"]:
+        lines += ["Table 2 layout: classifier mAP on the test split", "", "| method | test mAP |", "|---|---:|"]
+        lines += [f"| {name} | {value:.1f} |" for name, value in result["table2"].items()]
+        lines.append("")
+    lines += [f"Labeling: {summary.images} images, {summary.errors} errors, {summary.seconds:.0f} s",
+              "", "Outputs:"]
+    outputs = [
+        (storage.join(summary.output, schema.LABELS_DIR), "soft pseudo labels of the train split (Parquet)"),
+        (storage.join(summary.output, schema.EVALUATION_MD), "Table 1 and the ζ sweep"),
+    ]
+    if report is not None:
+        from cdul_ray.report import report_files
+
+        outputs.append((report, "visual report: label sets per image, how their thresholds were chosen"))
+        outputs += [(f, "") for f in report_files(summary.output) if f.endswith(".png")]
+    if trained:
+        outputs.append((storage.join(cfg.output, "labels-test", schema.LABELS_DIR),
+                        "CLIP scores of the test split (the zero-shot row of Table 2)"))
+    for run in trained:
+        outputs += [(storage.join(run, schema.MODEL_DIR), "trained classifier (input of `cdul predict --checkpoint`)"),
+                    (storage.join(run, schema.HISTORY_FILE), "loss and mAP per epoch"),
+                    (storage.join(run, schema.CAM_DIR), "class activation maps (PNG) per epoch")]
+    outputs.append((storage.join(cfg.output, schema.DEMO_FILE), "all the numbers above"))
+    width = max(len(p) for p, _ in outputs)
+    lines += [f"  {p.ljust(width)}  {what}".rstrip() for p, what in outputs]
+    return "\n".join(lines)
+
+
+def _table2(cfg: DemoConfig, train_summary: Any, steps: int) -> tuple[dict[str, float], list[str]]:
+    """Classifier test mAP with and without label updates beside zero-shot global CLIP on the test split.
+
+    Returns the rows and the training output directories.
+    """
     from cdul_ray.core.metrics import mean_average_precision
     from cdul_ray.evaluate import read_label_scores
     from cdul_ray.train import TrainConfig, run_training
 
+    _step(4, steps, f"scoring the test split ({cfg.test_images} scenes) with the bundled CLIP (zero-shot baseline)")
     test = label_split(cfg, "test", evaluate=False)
     scores = read_label_scores(test.output)
     rows = {"CLIP zero-shot (global alignment)": mean_average_precision(scores.global_score, scores.targets).map}
+    runs = []
+    _step(5, steps, f"training the classifier twice ({cfg.train_epochs} epochs each, Ray Train): fixed pseudo labels, "
+                    "then gradient-alignment label updates")
     for updates in (False, True):
         name = "CDUL classifier, " + ("gradient-alignment label updates" if updates else "fixed pseudo labels")
+        output = storage.join(cfg.output, "train-update" if updates else "train-fixed")
         summary = run_training(TrainConfig(
             labels=train_summary.output, dataset=cfg.data, format="coco", split="train", eval_split="test",
-            output=storage.join(cfg.output, "train-update" if updates else "train-fixed"), backbone=cfg.backbone,
+            output=output, backbone=cfg.backbone,
             pretrained_backbone=cfg.pretrained_backbone, freeze_backbone=cfg.freeze_backbone,
             image_size=cfg.image_size, epochs=cfg.train_epochs, batch_size=32, lr=cfg.train_lr, label_update=updates,
             cam_images=4, seed=cfg.seed, overwrite=True,
         ))
         rows[name] = summary.eval_map
-    print("\nTable 2 layout — classifier mAP on the test split:\n")
-    print("| method | test mAP |\n|---|---:|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.1f} |")
-    return rows
+        runs.append(summary.output)
+    return rows, runs

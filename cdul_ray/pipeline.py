@@ -274,18 +274,9 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
 
     decode = Stage(decode_views, cfg.decode_batch_size,
                    {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint})
-    actor_kwargs = {
-        "spec": spec,
-        "classes": classes,
-        "templates": list(cfg.templates),
-        "grid": cfg.grid,
-        "aggregator": cfg.aggregator,
-        "threshold": cfg.threshold,
-        "lam": cfg.lam,
-        "cache_dir": cfg.cache_dir,
-        "endpoint_override": endpoint,
-        "precision": cfg.precision,
-    }
+    actor_kwargs = {"spec": spec, "classes": classes, "templates": list(cfg.templates), "grid": cfg.grid,
+                    "aggregator": cfg.aggregator, "threshold": cfg.threshold, "lam": cfg.lam,
+                    "cache_dir": cfg.cache_dir, "endpoint_override": endpoint, "precision": cfg.precision}
     score = Stage(ClipScorer, cfg.batch_size, actor_kwargs, num_cpus=cfg.cpus_per_actor,
                   num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
     written = stream_to_parquet(index.records, cfg.output, endpoint, schema.LABELS_DIR, (decode, score),

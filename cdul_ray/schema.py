@@ -58,6 +58,7 @@ INDEX_DIR = "_index"  # the corpus index of the latest run (Parquet), read by th
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data checkpoint: image ids of every committed write task (resume, incremental)
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
+REPORT_THRESHOLDS_FILE = "thresholds.json"  # in report/: the label-set threshold of every class
 DEMO_FILE = "demo.json"
 EMPTY_ERRORS_FILE = "empty.parquet"  # an empty ERRORS_SCHEMA table when a run had no error
 

@@ -44,7 +44,7 @@ def test_duplicate_manifest_ids_fail_fast_listing_every_duplicate(tmp_path):
         load_dataset(str(manifest), classes_file=str(classes))
     assert info.value.field == "dataset"
     msg = str(info.value)
-    assert msg.startswith("config field `dataset`: ") and str(manifest) in msg
+    assert msg.startswith("--dataset (config field `dataset`): ") and str(manifest) in msg
     assert "2 `image_id` values appear more than once" in msg and "'a' (3x), 'b' (2x)" in msg and "'c'" not in msg
 
     # the job fails on it before any cluster work: no output directory is created

@@ -362,7 +362,7 @@ def test_existing_output_resumes_only_the_same_run(run_1w, shapes, planted, tmp_
 def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch):
     import timm
 
-    from cdul_ray import classifier
+    from cdul_ray import classifier, clip
     from cdul_ray.classifier import BackboneWeightsError, create_classifier, resolve_backbone_weights
 
     torch.manual_seed(3)
@@ -375,7 +375,7 @@ def test_backbone_weights_from_a_file_and_offline_fallback(tmp_path, monkeypatch
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
 
-    monkeypatch.setattr(classifier, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(clip, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(classifier, "_cached_hub_file", lambda hub_id: None)
     source, note = resolve_backbone_weights("resnet18", "auto")
     assert source is None and "random init" in note and "unreachable" in note

@@ -1,12 +1,12 @@
 """Class activation maps (Zhou et al. 2016) of a few fixed images after each training epoch.
 
 Written by the rank-0 worker to ``<output>/cam/epoch{e:03d}_<image id>.png`` (``schema.CAM_DIR``): the image and the
-CAMs of its most probable classes (``Classifier.cam``), with the ground truth when the dataset has it.
+CAMs of its most probable classes (``Classifier.cam``), with the ground truth when the dataset has it; the panels are
+drawn by :func:`cdul_ray.report.render_cam_png`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from typing import Any
@@ -16,48 +16,10 @@ import torch
 
 from cdul_ray import schema, storage
 from cdul_ray.classifier import Classifier, model_input, resize_pixels
+from cdul_ray.report import render_cam_png
 from cdul_ray.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-def render_cam_png(pixels: np.ndarray, cams: np.ndarray, probs: np.ndarray, classes: list[str],
-                   gt: list[int] | None, title: str, top_k: int = 3) -> bytes:
-    """One image and the CAMs of its ``top_k`` most probable classes, as PNG bytes.
-
-    Args:
-        pixels: [3, S, S] uint8 network input (before normalisation).
-        cams: [C, h, w] class activation maps (logit units).
-        probs: [C] predicted probabilities in [0, 1].
-        gt: ground-truth class indices, or None; marked "(gt)" in the panel titles.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    image = pixels.transpose(1, 2, 0)  # (S, S, 3)
-    size = image.shape[0]
-    order = np.argsort(-probs)[:top_k]
-    fig = Figure(figsize=(2.6 * (len(order) + 1), 3.2), dpi=80)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(order) + 1, squeeze=False)[0]
-    gt_names = [classes[i] for i in (gt or [])]
-    axes[0].imshow(image)
-    axes[0].set_title(f"{title}\ngt: {', '.join(gt_names) if gt is not None else 'n/a'}", fontsize=7)
-    for ax, c in zip(axes[1:], order):
-        cam = torch.from_numpy(cams[c][None, None].astype(np.float32))
-        up = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-        up = up.numpy()
-        up = (up - up.min()) / (up.max() - up.min() + 1e-8)  # [0, 1]
-        ax.imshow(image)
-        ax.imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        mark = " (gt)" if gt is not None and c in gt else ""
-        ax.set_title(f"{classes[c]}{mark}\np={probs[c]:.2f}", fontsize=7)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout(pad=1.2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def _safe_name(image_id: str) -> str:

@@ -239,7 +239,26 @@ def image_dataset(records: pa.Table, cfg: TrainConfig, endpoint: str | None, cac
     ds.context.execution_options.preserve_order = True  # the cached blocks keep the (seeded) row order
     ds = ds.map_batches(decode_resized, fn_kwargs={"image_size": cfg.image_size, "endpoint_override": endpoint},
                         batch_size=cfg.decode_batch_size, num_cpus=1)
-    return ds.materialize() if cache else ds
+    if cache:
+        _wait_for_free_cpu()
+        ds = ds.materialize()  # progress shown on the driver (bars on a TTY, periodic lines otherwise)
+    # Consumed inside Ray Train (split coordinator, workers): their tqdm bars would be forwarded to the driver's
+    # console as hundreds of redraws; the epoch lines of the training loop report progress instead.
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def _wait_for_free_cpu(timeout_s: float = 5.0) -> None:
+    """Wait (at most ``timeout_s``) until the cluster reports a free CPU before a driver-side Dataset execution.
+
+    A previous execution's tasks hand their CPUs back a moment after it returns; Ray Data checks
+    ``ray.available_resources()`` when an execution starts and, seeing none, warns that "The Dataset job will hang".
+    """
+    import ray
+
+    deadline = time.time() + timeout_s
+    while not ray.available_resources().get("CPU") and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def cache_decoded(cfg: TrainConfig, n_images: int) -> bool:
