@@ -15,21 +15,21 @@ Supported layouts (``format=``):
 All I/O goes through :mod:`cdul_ray.storage`, so ``/data/coco`` and ``s3://bucket/coco`` behave the same. Image files
 themselves are never opened or stat'ed here: an image listed by the annotations but missing on storage is recorded by
 the labeling pipeline in its errors table.
+
+This module is the public entry (:func:`load_dataset`, the ``READERS`` registry, format detection, the vocabulary
+override and the ``folder``/``manifest`` readers); the benchmark readers (``coco``, ``voc``, ``nuswide``) and the read
+helpers they share live in :mod:`cdul_ray.readers`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
 import re
-import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -37,6 +37,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cdul_ray import storage
+from cdul_ray.readers import (
+    RawIndex,
+    coco_annotation_files,
+    dataset_error,
+    list_children,
+    read_coco,
+    read_nuswide,
+    read_text,
+    read_voc,
+    require_exists,
+)
 from cdul_ray.schema import INDEX_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -46,44 +57,11 @@ FORMATS = ("auto", "coco", "voc", "nuswide", "folder", "manifest")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # what cdul_ray.images opens
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
-# PASCAL VOC's 20 classes in the standard order, as the annotation files spell them -> natural names for CLIP prompts.
-VOC_CLASSES = (
-    ("aeroplane", "aeroplane"),
-    ("bicycle", "bicycle"),
-    ("bird", "bird"),
-    ("boat", "boat"),
-    ("bottle", "bottle"),
-    ("bus", "bus"),
-    ("car", "car"),
-    ("cat", "cat"),
-    ("chair", "chair"),
-    ("cow", "cow"),
-    ("diningtable", "dining table"),
-    ("dog", "dog"),
-    ("horse", "horse"),
-    ("motorbike", "motorbike"),
-    ("person", "person"),
-    ("pottedplant", "potted plant"),
-    ("sheep", "sheep"),
-    ("sofa", "sofa"),
-    ("train", "train"),
-    ("tvmonitor", "tv monitor"),
-)
-VOC_DEFAULT_SPLIT = "trainval"
-
-NUSWIDE_SPLITS = ("train", "test")
-NUSWIDE_DEFAULT_SPLIT = "train"
-
 # CSV manifests: every known column is text (numeric-looking ids must stay strings: "0001" != "1").
 _MANIFEST_CSV_OPTIONS = pacsv.ConvertOptions(
     column_types={"uri": pa.string(), "image_id": pa.string(), "labels": pa.string()},
     strings_can_be_null=False,
 )
-
-# Threads for reading many small annotation files (one request each on S3).
-_IO_THREADS = 16
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -112,17 +90,6 @@ class DatasetIndex:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-@dataclass
-class _Raw:
-    """What a reader found, before the vocabulary override, ``limit`` and conversion to Arrow."""
-
-    image_ids: list[str]
-    uris: list[str]
-    gt: list[list[int]] | None  # indices into `classes`, or None for no ground truth
-    classes: tuple[str, ...]
-    root: str
 
 
 @dataclass(frozen=True)
@@ -201,7 +168,7 @@ def load_dataset(
     raw = READERS[fmt](_ReadRequest(uri, split, endpoint_override, vocabulary, limit, voc_include_difficult))
 
     if not raw.image_ids:
-        raise _dataset_error(f"{raw.root} ({fmt}) lists no images: nothing to label")
+        raise dataset_error(f"{raw.root} ({fmt}) lists no images: nothing to label")
     if limit is not None and len(raw.image_ids) > limit:
         raw.image_ids, raw.uris = raw.image_ids[:limit], raw.uris[:limit]
         if raw.gt is not None:
@@ -240,7 +207,7 @@ def read_class_vocabulary(uri: str, endpoint_override: str | None = None) -> tup
         FileNotFoundError: The file does not exist.
         ValueError: The file lists no class, or lists a class twice (compared case-insensitively).
     """
-    lines = _read_text(uri, endpoint_override).splitlines()
+    lines = read_text(uri, endpoint_override).splitlines()
     classes = [line.strip() for line in lines]
     return _check_vocabulary([c for c in classes if c and not c.startswith("#")], uri)
 
@@ -272,10 +239,10 @@ def detect_format(uri: str, endpoint_override: str | None = None) -> str:
     if uri.lower().rstrip("/").endswith(MANIFEST_SUFFIXES):
         return "manifest"
     root = storage.absolute_uri(uri)
-    children = _list_children(root, endpoint_override)
+    children = list_children(root, endpoint_override)
     dirs = {name for name, kind in children.items() if kind == pafs.FileType.Directory}
     files = {name for name, kind in children.items() if kind == pafs.FileType.File}
-    if "annotations" in dirs and _coco_annotation_files(storage.join(root, "annotations"), endpoint_override):
+    if "annotations" in dirs and coco_annotation_files(storage.join(root, "annotations"), endpoint_override):
         return "coco"
     if {"JPEGImages", "Annotations"} <= dirs or any(re.fullmatch(r"VOC\d{4}", d) for d in dirs):
         return "voc"
@@ -285,252 +252,28 @@ def detect_format(uri: str, endpoint_override: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# COCO
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _read_coco(uri: str, split: str | None, endpoint_override: str | None) -> _Raw:
-    """Read a COCO instances file.
-
-    Expects ``<root>/annotations/instances_<split>.json`` (official COCO 2014/2017 layout, also the project's
-    synthetic set) with images under ``<root>/<split>/<file_name>``. Classes are the ``categories`` sorted by id with
-    their names as given; ``image_id`` is the decimal string of COCO's integer id. Every annotation (crowd included)
-    marks its category present; an image without annotations has ``gt_labels == []``. An instances file without an
-    ``annotations`` key (test-style image lists) yields no ground truth.
-    """
-    root = storage.absolute_uri(uri)
-    _require_exists(root, endpoint_override)
-    ann_dir = storage.join(root, "annotations")
-    available = _coco_annotation_files(ann_dir, endpoint_override)
-    if split is None:
-        if not available:
-            raise FileNotFoundError(f"No COCO annotation file {storage.join(ann_dir, 'instances_<split>.json')}")
-        if len(available) > 1:
-            raise ValueError(
-                f"{ann_dir} holds several COCO annotation files ({', '.join(sorted(available))}): "
-                f"set the `split` field to one of {sorted(available)}"
-            )
-        split = next(iter(available))
-    ann_uri = storage.join(ann_dir, f"instances_{split}.json")
-    if split not in available:
-        raise FileNotFoundError(
-            f"COCO annotation file {ann_uri} not found (`split`={split!r}; available splits: {sorted(available)})"
-        )
-
-    data = _parse_json(ann_uri, endpoint_override)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{ann_uri} is not a COCO instances file: no 'images' list")
-    if not isinstance(data.get("categories"), list):
-        raise ValueError(f"{ann_uri} is not a COCO instances file: no 'categories' list")
-    try:
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        cat_index = {c["id"]: i for i, c in enumerate(categories)}
-        classes = tuple(str(c["name"]).strip() for c in categories)
-        image_dir = storage.join(root, split)
-        image_ids = [str(img["id"]) for img in data["images"]]
-        uris = [_join_rel(image_dir, img["file_name"]) for img in data["images"]]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{ann_uri}: malformed COCO image or category entry ({e!r})") from e
-
-    gt: list[list[int]] | None = None
-    if "annotations" in data:
-        present: dict[str, set[int]] = {i: set() for i in image_ids}
-        orphans = 0
-        for ann in data["annotations"]:
-            try:
-                img_id, cat_id = str(ann["image_id"]), ann["category_id"]
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{ann_uri}: malformed COCO annotation ({e!r})") from e
-            if cat_id not in cat_index:
-                raise _dataset_error(
-                    f"{ann_uri}: annotation {ann.get('id')!r} (image {img_id}) names category_id {cat_id!r}, which is "
-                    f"not in the file's 'categories' (ids {sorted(cat_index, key=str)})"
-                )
-            if img_id in present:
-                present[img_id].add(cat_index[cat_id])
-            else:
-                orphans += 1
-        if orphans:
-            logger.warning("%s: ignored %d annotations of image ids not in 'images'", ann_uri, orphans)
-        gt = [sorted(present[i]) for i in image_ids]
-    else:
-        logger.warning("%s has no 'annotations': indexing without ground truth", ann_uri)
-    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=root)
-
-
-def _coco_annotation_files(ann_dir: str, endpoint_override: str | None) -> dict[str, str]:
-    """``{split: uri}`` of the ``instances_<split>.json`` files directly in ``ann_dir`` (empty if it is missing)."""
-    found = {}
-    for name, kind in _list_children(ann_dir, endpoint_override, missing_ok=True).items():
-        m = re.fullmatch(r"instances_(.+)\.json", name)
-        if m and kind == pafs.FileType.File:
-            found[m.group(1)] = storage.join(ann_dir, name)
-    return found
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# PASCAL VOC
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _read_voc(
-    uri: str, split: str | None, endpoint_override: str | None, limit: int | None, include_difficult: bool
-) -> _Raw:
-    """Read a PASCAL VOC 2007/2012 split.
-
-    Expects ``<root>/ImageSets/Main/<split>.txt`` (one image id per line), ``<root>/Annotations/<id>.xml`` and
-    ``<root>/JPEGImages/<id>.jpg``. ``uri`` may also point at a ``VOCdevkit`` directory that holds exactly one
-    ``VOC20xx`` directory. Classes are the 20 VOC classes in the standard order with natural names
-    (``diningtable`` -> ``dining table``, ``pottedplant`` -> ``potted plant``, ``tvmonitor`` -> ``tv monitor``).
-    Only the ``limit`` first images' annotations are read.
-    """
-    root = _resolve_voc_root(storage.absolute_uri(uri), endpoint_override)
-    split = split or VOC_DEFAULT_SPLIT
-    list_uri = storage.join(root, "ImageSets", "Main", f"{split}.txt")
-    if not storage.exists(list_uri, endpoint_override):
-        main = storage.join(root, "ImageSets", "Main")
-        choices = sorted(
-            n[: -len(".txt")]
-            for n in _list_children(main, endpoint_override, missing_ok=True)
-            if n.endswith(".txt") and "_" not in n
-        )
-        raise FileNotFoundError(f"VOC image list {list_uri} not found (`split`={split!r}; available: {choices})")
-    image_ids = [line.split()[0] for line in _read_text(list_uri, endpoint_override).splitlines() if line.strip()]
-    if limit is not None:
-        image_ids = image_ids[:limit]
-
-    class_index = {raw: i for i, (raw, _) in enumerate(VOC_CLASSES)}
-    ann_dir = storage.join(root, "Annotations")
-
-    def parse(image_id: str) -> list[int]:
-        xml_uri = storage.join(ann_dir, f"{image_id}.xml")
-        try:
-            tree = ET.fromstring(storage.read_bytes(xml_uri, endpoint_override))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"VOC annotation {xml_uri} (listed in {list_uri}) not found") from e
-        except ET.ParseError as e:
-            raise ValueError(f"VOC annotation {xml_uri} is not valid XML: {e}") from e
-        present = set()
-        for obj in tree.iter("object"):
-            name = (obj.findtext("name") or "").strip().lower()
-            if name not in class_index:
-                raise ValueError(
-                    f"VOC annotation {xml_uri}: object class {name!r} is not one of the 20 VOC classes "
-                    f"{[raw for raw, _ in VOC_CLASSES]}"
-                )
-            if not include_difficult and (obj.findtext("difficult") or "0").strip() == "1":
-                continue
-            present.add(class_index[name])
-        return sorted(present)
-
-    gt = _parallel_map(parse, image_ids, storage.is_s3(root))
-    uris = [storage.join(root, "JPEGImages", f"{i}.jpg") for i in image_ids]
-    classes = tuple(natural for _, natural in VOC_CLASSES)
-    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=root)
-
-
-def _resolve_voc_root(root: str, endpoint_override: str | None) -> str:
-    """``root`` itself, or its single ``VOC20xx`` child when ``root`` is a ``VOCdevkit`` directory."""
-    children = _list_children(root, endpoint_override)
-    if "JPEGImages" in children or "Annotations" in children:
-        return root
-    dirs = [name for name, kind in children.items() if kind == pafs.FileType.Directory]
-    years = sorted(d for d in dirs if re.fullmatch(r"VOC\d{4}", d))
-    if len(years) == 1:
-        return storage.join(root, years[0])
-    if len(years) > 1:
-        raise ValueError(
-            f"{root} holds several VOC datasets ({', '.join(years)}); point the dataset `uri` at one of them"
-        )
-    raise FileNotFoundError(f"{root} is not a VOC dataset: no JPEGImages/Annotations directories")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# NUS-WIDE
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _read_nuswide(uri: str, split: str | None, endpoint_override: str | None) -> _Raw:
-    """Read a NUS-WIDE split in the layout of the official distribution.
-
-    Expects:
-
-    - ``<root>/ImageList/TrainImagelist.txt`` or ``TestImagelist.txt``: one image per line, a path relative to
-      ``<root>/Flickr`` with Windows separators (``actor\\0001_2124494179.jpg``); a leading drive and ``ImageData``
-      directory (``C:\\ImageData\\...``, as in ``Imagelist.txt``) are stripped.
-    - ``<root>/Concepts81.txt``: the 81 concept names, one per line, in class order.
-    - ``<root>/TrainTestLabels/Labels_<concept>_<Train|Test>.txt``: one ``0``/``1`` per line, aligned with the image
-      list.
-    - Images under ``<root>/Flickr/<relative path>``.
-
-    ``image_id`` is the relative path with ``/`` separators (``actor/0001_2124494179.jpg``), unique across the
-    dataset. Images listed but missing from ``Flickr`` (many URLs of the original crawl are dead) are not checked
-    here.
-    """
-    root = storage.absolute_uri(uri)
-    _require_exists(root, endpoint_override)
-    split = (split or NUSWIDE_DEFAULT_SPLIT).lower()
-    if split not in NUSWIDE_SPLITS:
-        raise ValueError(f"NUS-WIDE `split` must be one of {NUSWIDE_SPLITS}, got {split!r}")
-    tag = split.capitalize()
-
-    concepts_uri = storage.join(root, "Concepts81.txt")
-    classes = tuple(c.strip() for c in _read_text(concepts_uri, endpoint_override).splitlines() if c.strip())
-    if not classes:
-        raise ValueError(f"NUS-WIDE concept list {concepts_uri} is empty")
-
-    list_uri = storage.join(root, "ImageList", f"{tag}Imagelist.txt")
-    rel_paths = [_nuswide_rel(line) for line in _read_text(list_uri, endpoint_override).splitlines() if line.strip()]
-    image_dir = storage.join(root, "Flickr")
-    uris = [_join_rel(image_dir, p) for p in rel_paths]
-
-    def read_labels(concept: str) -> list[bool]:
-        label_uri = storage.join(root, "TrainTestLabels", f"Labels_{concept}_{tag}.txt")
-        values = [v.strip() for v in _read_text(label_uri, endpoint_override).splitlines() if v.strip()]
-        if len(values) != len(rel_paths):
-            raise ValueError(f"NUS-WIDE label file {label_uri} has {len(values)} lines, {list_uri} {len(rel_paths)}")
-        bad = next((v for v in values if v not in ("0", "1")), None)
-        if bad is not None:
-            raise ValueError(f"NUS-WIDE label file {label_uri}: expected 0 or 1 per line, found {bad!r}")
-        return [v == "1" for v in values]
-
-    columns = _parallel_map(read_labels, classes, storage.is_s3(root))
-    gt = [[c for c, col in enumerate(columns) if col[n]] for n in range(len(rel_paths))]
-    return _Raw(image_ids=rel_paths, uris=uris, gt=gt, classes=classes, root=root)
-
-
-def _nuswide_rel(line: str) -> str:
-    """``C:\\ImageData\\actor\\0001_2.jpg`` or ``actor\\0001_2.jpg`` -> ``actor/0001_2.jpg``."""
-    path = line.strip().replace("\\", "/")
-    path = re.sub(r"^[A-Za-z]:/", "", path).lstrip("/")
-    if path.startswith("ImageData/"):
-        path = path[len("ImageData/") :]
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Folder and manifest (no fixed class list)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> _Raw:
+def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> RawIndex:
     """Every image (``.jpg .jpeg .png .bmp .webp``, any case) under a directory or S3 prefix, recursively, sorted by
     path. ``image_id`` is the path relative to the root with ``/`` separators. No ground truth; the classes are the
     ``classes_file`` vocabulary (required)."""
     root = storage.absolute_uri(uri)
-    _require_exists(root, endpoint_override)
+    require_exists(root, endpoint_override)
     if vocabulary is None:
         raise ValueError(
             f"The folder dataset {root} has no class list: pass `classes_file` (a text file, one class per line)"
         )
     uris = storage.list_files(root, IMAGE_SUFFIXES, endpoint_override)
     if not uris:
-        raise _dataset_error(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise dataset_error(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     image_ids = [_relative(u, root) for u in uris]
-    return _Raw(image_ids=image_ids, uris=uris, gt=None, classes=vocabulary, root=root)
+    return RawIndex(image_ids=image_ids, uris=uris, gt=None, classes=vocabulary, root=root)
 
 
-def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> _Raw:
+def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[str, ...] | None) -> RawIndex:
     """Read a Parquet or CSV manifest.
 
     Columns: ``uri`` (required; absolute local path, ``s3://`` URI, or a path relative to the manifest's directory),
@@ -539,7 +282,7 @@ def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[st
     Classes are ``classes_file`` if given, else the sorted union of all labels.
     """
     manifest = storage.absolute_uri(uri)
-    _require_exists(manifest, endpoint_override)
+    require_exists(manifest, endpoint_override)
     fs, path = storage.filesystem(manifest, endpoint_override)
     try:
         if manifest.lower().endswith(".parquet"):
@@ -576,7 +319,7 @@ def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[st
             gt = _remap([[union_index[n] for n in row] for row in names], union, classes, source=manifest)
     elif classes is None:
         raise ValueError(f"Manifest {manifest} has no `labels` column, so no class list: pass `classes_file`")
-    return _Raw(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=manifest)
+    return RawIndex(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=manifest)
 
 
 def _string_column(table: pa.Table, name: str, manifest: str) -> list[str]:
@@ -652,13 +395,6 @@ def _remap(
     return out
 
 
-def _dataset_error(message: str) -> ValueError:
-    """A ``ConfigError`` naming the ``dataset`` field (imported lazily: the config module imports torch)."""
-    from cdul_ray.config import ConfigError
-
-    return ConfigError("dataset", message)
-
-
 _MAX_LISTED = 20
 
 
@@ -668,12 +404,12 @@ def _check_unique(image_ids: list[str], root: str) -> None:
         dupes = [(i, n) for i, n in Counter(image_ids).items() if n > 1]
         listed = ", ".join(f"{i!r} ({n}x)" for i, n in dupes[:_MAX_LISTED])
         more = f" and {len(dupes) - _MAX_LISTED} more" if len(dupes) > _MAX_LISTED else ""
-        raise _dataset_error(
+        raise dataset_error(
             f"{root}: {len(dupes)} `image_id` values appear more than once (ids must be unique): {listed}{more}"
         )
 
 
-def _to_table(raw: _Raw) -> pa.Table:
+def _to_table(raw: RawIndex) -> pa.Table:
     gt = raw.gt if raw.gt is not None else [None] * len(raw.image_ids)
     return pa.Table.from_arrays(
         [
@@ -685,64 +421,16 @@ def _to_table(raw: _Raw) -> pa.Table:
     )
 
 
-def _require_exists(uri: str, endpoint_override: str | None) -> None:
-    if not storage.exists(uri, endpoint_override):
-        raise FileNotFoundError(f"Dataset path {uri} does not exist")
-
-
-def _list_children(uri: str, endpoint_override: str | None, missing_ok: bool = False) -> dict[str, pafs.FileType]:
-    """``{name: type}`` of the direct children of a directory or S3 prefix."""
-    fs, path = storage.filesystem(uri, endpoint_override)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=missing_ok))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"Dataset path {uri} does not exist") from e
-    except NotADirectoryError as e:  # a plain file: no children
-        raise FileNotFoundError(f"Dataset path {uri} is not a directory") from e
-    return {info.base_name: info.type for info in infos}
-
-
-def _read_text(uri: str, endpoint_override: str | None) -> str:
-    try:
-        data = storage.read_bytes(uri, endpoint_override)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri} not found") from e
-    return data.decode("utf-8-sig")
-
-
-def _parse_json(uri: str, endpoint_override: str | None) -> Any:
-    data = _read_text(uri, endpoint_override)
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri} is not valid JSON: {e}") from e
-
-
-def _join_rel(base: str, rel: str) -> str:
-    """Join a ``/``-separated relative path onto a local directory or S3 prefix."""
-    parts = [p for p in str(rel).replace("\\", "/").split("/") if p]
-    return storage.join(base, *parts)
-
-
 def _relative(uri: str, root: str) -> str:
     rel = uri[len(root) :].lstrip("/\\")
     return rel.replace(os.sep, "/")
 
 
-def _parallel_map(fn: Callable[[Any], _T], items: Iterable[Any], remote: bool) -> list[_T]:
-    """``[fn(x) for x in items]`` in order, threaded on S3 where each call is a network round trip."""
-    items = list(items)
-    if not remote or len(items) < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-        return list(pool.map(fn, items))
-
-
 # The reader of each format (``FORMATS`` minus ``auto``): a new layout is one function and one entry here.
-READERS: dict[str, Callable[[_ReadRequest], _Raw]] = {
-    "coco": lambda r: _read_coco(r.uri, r.split, r.endpoint_override),
-    "voc": lambda r: _read_voc(r.uri, r.split, r.endpoint_override, r.limit, r.voc_include_difficult),
-    "nuswide": lambda r: _read_nuswide(r.uri, r.split, r.endpoint_override),
+READERS: dict[str, Callable[[_ReadRequest], RawIndex]] = {
+    "coco": lambda r: read_coco(r.uri, r.split, r.endpoint_override),
+    "voc": lambda r: read_voc(r.uri, r.split, r.endpoint_override, r.limit, r.voc_include_difficult),
+    "nuswide": lambda r: read_nuswide(r.uri, r.split, r.endpoint_override),
     "folder": lambda r: _read_folder(r.uri, r.endpoint_override, r.vocabulary),
     "manifest": lambda r: _read_manifest(r.uri, r.endpoint_override, r.vocabulary),
 }
