@@ -57,7 +57,7 @@ class OutputExistsError(FileExistsError):
 
 def prepare_output(output: str, endpoint: str | None, overwrite: bool, run_config: dict[str, Any],
                    defining_fields: tuple[str, ...], kind: str) -> None:
-    """Make ``output`` ready for a run and say how it relates to what is there.
+    """Make ``output`` ready for a run and say how it relates to what is there, and check it can be written.
 
     - absent or empty: a fresh run;
     - holds a run of the same ``kind`` whose ``defining_fields`` equal ``run_config``'s: resumed (incremental);
@@ -69,10 +69,36 @@ def prepare_output(output: str, endpoint: str | None, overwrite: bool, run_confi
         defining_fields: the fields that define the output values (a run that differs in one is refused).
         kind: ``"label"`` or ``"predict"``: a run of one kind never resumes or overwrites the other.
 
+    The write check creates ``output`` and writes and deletes an empty probe file in it, so a missing bucket or a
+    denied write fails here, before any cluster work, instead of in the first write task.
+
     Raises:
         OutputExistsError: ``output`` is a file; holds something that is not a run of this kind; or holds a run whose
             defining fields differ (the message names each differing field with both values).
+        ConfigError: ``output`` cannot be listed or written (no such bucket, access denied, read-only directory,
+            endpoint unreachable after retries); the message names the URI and the storage's reason.
     """
+    from cdul_ray.config import ConfigError
+
+    try:
+        _prepare_output(output, endpoint, overwrite, run_config, defining_fields, kind)
+        fs, path = storage.filesystem(output, endpoint)
+        fs.create_dir(path, recursive=True)
+        probe = posixpath.join(path, _WRITE_PROBE)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except OutputExistsError:
+        raise
+    except OSError as e:
+        raise ConfigError("output", storage.redact(f"cannot write to {output}: {e}")) from e
+
+
+_WRITE_PROBE = ".cdul_write_check"
+
+
+def _prepare_output(output: str, endpoint: str | None, overwrite: bool, run_config: dict[str, Any],
+                    defining_fields: tuple[str, ...], kind: str) -> None:
     fs, path = storage.filesystem(output, endpoint)
     info = fs.get_file_info(path)
     if info.type == FileType.NotFound:
