@@ -78,22 +78,27 @@ def main(argv: list[str] | None = None) -> int:
             s = lb.steady_state(root, (n1, n2), **overrides)
         rows.append({"round": r, "mode": "pipeline", "images": f"{n2}-{n1}", "seconds": f"{s['t2']}-{s['t1']}",
                      "images_per_second": s["images_per_second"], "load": s["load"]})
+        rows.append({"round": r, "mode": "pipeline in-run", "images": n2, "seconds": "first-last file",
+                     "images_per_second": s["in_run_images_per_second"], "load": s["load"][1:]})
     views_per_image = 1 + args.grid ** 2
     for row in rows:
+        if row["images_per_second"] is None:
+            continue
         tflops = row["images_per_second"] * views_per_image * flops / 1e12
         row["model_tflop_per_s"] = round(tflops, 4)
         if args.peak_tflops:
             row["fraction_of_peak"] = round(tflops / args.peak_tflops, 4)
 
-    def mean_rate(mode: str) -> float:
-        rates = [row["images_per_second"] for row in rows if row["mode"] == mode]
-        return sum(rates) / len(rates)
+    def mean_rate(mode: str) -> float | None:
+        rates = [row["images_per_second"] for row in rows if row["mode"] == mode and row["images_per_second"]]
+        return sum(rates) / len(rates) if rates else None
 
     def best_rate(kind: str) -> float:  # the faster thread count of the driver's bare forward / loop
         return max(mean_rate(f"{kind} {t}t") for t in threads)
 
-    ratios = {"pipeline_over_bare": round(mean_rate("pipeline") / best_rate("bare"), 3),
-              "pipeline_over_loop": round(mean_rate("pipeline") / best_rate("loop"), 3)}
+    ratios = {f"{name}_over_{kind}": round(mean_rate(mode) / best_rate(kind), 3) if mean_rate(mode) else None
+              for name, mode in (("pipeline", "pipeline"), ("pipeline_in_run", "pipeline in-run"))
+              for kind in ("bare", "loop")}
     print(f"\n{args.model}/{args.pretrained}, grid {args.grid}, batch {args.batch_size}, {args.precision}, "
           f"device {m.device}, {m.size[0]} px views, {flops / 1e9:.3f} GFLOP/view, cpus {os.cpu_count()}; "
           "ratios against the faster driver thread count\n")

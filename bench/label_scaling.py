@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             s = lb.steady_state(root, (n1, n2), **cfg)
         row = {"vary": kind, "value": value, "grid": cfg["grid"], "actors": cfg["max_actors"],
                "batch_size": cfg["batch_size"], "bare_images_per_second": round(bare, 2),
-               "pipeline_images_per_second": s["images_per_second"], "bare_load": load, "pipeline_load": s["load"]}
+               "pipeline_images_per_second": s["images_per_second"],
+               "pipeline_in_run_images_per_second": s["in_run_images_per_second"], "bare_load": load, "pipeline_load": s["load"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         return row
@@ -76,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["vary"] == "grid" and ref:
             r["views_ratio"] = round((1 + r["grid"] ** 2) / 10, 3)
-            for mode in ("bare", "pipeline"):
-                r[f"{mode}_time_ratio"] = round(ref[f"{mode}_images_per_second"] / r[f"{mode}_images_per_second"], 3)
+            for mode in ("bare", "pipeline", "pipeline_in_run"):
+                a, b = ref[f"{mode}_images_per_second"], r[f"{mode}_images_per_second"]
+                r[f"{mode}_time_ratio"] = round(a / b, 3) if a and b else None
     print(f"\n{args.model}/{args.pretrained}, {args.precision}, device {m.device}, cpus {os.cpu_count()}, "
           f"pipeline sizes {n1}/{n2}; time ratios are seconds per image relative to grid 3\n")
-    lb.print_table(rows, ["vary", "value", "bare_images_per_second", "pipeline_images_per_second", "views_ratio",
-                          "bare_time_ratio", "pipeline_time_ratio", "bare_load", "pipeline_load"])
+    lb.print_table(rows, ["vary", "value", "bare_images_per_second", "pipeline_images_per_second",
+                          "pipeline_in_run_images_per_second", "views_ratio", "bare_time_ratio", "pipeline_time_ratio",
+                          "pipeline_in_run_time_ratio", "bare_load", "pipeline_load"])
     result = {"model": args.model, "pretrained": args.pretrained, "precision": args.precision,
               "device": str(m.device), "label_args": args.label_arg, "cpus": os.cpu_count(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
