@@ -201,6 +201,9 @@ class LabelConfig:
     max_actors: int | None = option(None, "CLIP actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
     use_gpu: str = gpu_option("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
     cpus_per_actor: float = option(1.0, "CPUs reserved per CLIP actor")
+    views: str = option("auto", "where views are cut and resized: exact (CPU, PIL, bit-exact open_clip transform), "
+                                "device (torch on the CLIP actor's device; ships each image once), auto (device on GPU)")
+    cpu_threads: int = option(0, "torch threads per CPU CLIP actor (0: the node's cores / CLIP actors on it)")
     precision: str = option("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
     limit: int | None = option(None, "label only the first N images of the dataset")
     rows_per_file: int = option(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
@@ -231,6 +234,8 @@ class LabelConfig:
         check_at_least(self, 0, "lam")
         check_actor_pool(self)
         check_choice(self, "precision", ("fp32", "amp"))
+        check_choice(self, "views", ("auto", "exact", "device"))
+        check_at_least(self, 0, "cpu_threads")
         return self
 
     def effective(self) -> "LabelConfig":

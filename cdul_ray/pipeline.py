@@ -2,14 +2,19 @@
 
 Stages (each a ``map_batches``; Ray Data streams blocks between them, so decoding overlaps CLIP):
 
-1. ``decode_views`` (Ray tasks, CPU): fetch bytes through pyarrow filesystems (local or S3), decode with PIL, cut the
-   K×K snippets and apply the geometric half of open_clip's eval transform; ships uint8 views [B, 1+S, 3, H, W].
-   Unreadable or undecodable images become error rows (the job goes on).
-2. ``ClipScorer`` (actor pool, ``compute=ActorPoolStrategy``, ``num_gpus=1`` per actor on GPU clusters): normalises
-   on the device, encodes global views and snippets of the whole batch in one pass, computes global/local alignment,
-   α/β/mean and the soft pseudo label (cdul_ray.core), returns a small Arrow table (no pixels).
-3. The scored rows (a few floats per class and image) are materialised once, then split into ``labels/`` and
-   ``errors/`` Parquet datasets, so CLIP never runs twice.
+1. ``decode_views`` (Ray tasks, CPU): fetch bytes through pyarrow filesystems (local or S3), decode with PIL, and
+   either cut the K×K snippets and apply the geometric half of open_clip's eval transform (``views=exact``: uint8
+   views [B, 1+S, 3, H, W]) or ship each decoded image once (``views=device``, the default on GPUs: uint8
+   [3, height, width] per image). Unreadable or undecodable images become error rows (the job goes on). Its CPU
+   reservation differs from the actor's so that Ray Data does not fuse it into the actor (``decode_cpus``).
+2. ``ClipScorer`` (actor pool, ``compute=ActorPoolStrategy``, ``num_gpus=1`` per actor on GPU clusters): cuts the
+   views on the device when they come uncut, normalises on the device, encodes global views and snippets of the
+   whole batch in one pass, computes global/local alignment, α/β/mean and the soft pseudo label (cdul_ray.core),
+   returns a small Arrow table (no pixels). CPU actors run torch on the node's cores (``cpu_threads``).
+3. The scored rows (a few floats per class and image) are streamed to ``labels/`` and ``errors/`` Parquet datasets
+   (:mod:`cdul_ray.batch_inference`).
+
+Speed: docs/performance.md (bench/label_efficiency.py, bench/label_scaling.py, bench/gpu.sh).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,25 +67,58 @@ def _read_and_cut(uri: str, geometric, grid: int, endpoint: str | None) -> tuple
 
 
 def decode_views(
-    batch: dict[str, np.ndarray], preprocess: dict[str, Any], grid: int, endpoint_override: str | None
+    batch: dict[str, np.ndarray], preprocess: dict[str, Any], grid: int, endpoint_override: str | None,
+    views: str = "exact",
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF (CPU tasks): index rows -> uint8 views of the global image and its K×K snippets.
 
     Input batch: ``image_id``, ``uri``, ``gt_labels`` [B]. Output adds ``width``, ``height`` [B] int32 (pixels),
-    ``views`` [B, 1+S, 3, H, W] uint8 (zeros on error rows), ``error_stage``, ``error_reason`` [B] str ("" when ok).
+    ``error_stage``, ``error_reason`` [B] str ("" when ok) and ``views``:
+
+    - ``views="exact"``: [B, 1+S, 3, H, W] uint8, cut and resized here (zeros on error rows);
+    - ``views="device"``: B whole images, each [3, height, width] uint8 ([3, 1, 1] zeros on error rows), cut and
+      resized by the CLIP actor (``core.views.cut_views``).
     """
-    geometric = _geometric(json.dumps(preprocess, sort_keys=True))
-    size = preprocess["size"]
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    device = views == "device"
+    geometric = None if device else _geometric(json.dumps(preprocess, sort_keys=True))
     results = [_read_and_cut(str(u), geometric, grid, endpoint_override) for u in batch["uri"]]
-    empty = np.zeros((1 + grid * grid, 3, *hw), dtype=np.uint8)
     out = dict(batch)
-    out["views"] = np.stack([r[0] if r[0] is not None else empty for r in results])  # (B, 1+S, 3, H, W)
+    if device:
+        out["views"] = np.empty(len(results), dtype=object)  # ragged: one [3, height, width] array per image
+        for i, r in enumerate(results):
+            out["views"][i] = r[0] if r[0] is not None else np.zeros((3, 1, 1), dtype=np.uint8)
+    else:
+        size = preprocess["size"]
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        empty = np.zeros((1 + grid * grid, 3, *hw), dtype=np.uint8)
+        out["views"] = np.stack([r[0] if r[0] is not None else empty for r in results])  # (B, 1+S, 3, H, W)
     out["width"] = np.array([r[1] for r in results], dtype=np.int32)
     out["height"] = np.array([r[2] for r in results], dtype=np.int32)
     out["error_stage"] = np.array([r[3] for r in results], dtype=object)
     out["error_reason"] = np.array([r[4] for r in results], dtype=object)
     return out
+
+
+def decode_cpus(cpus_per_actor: float) -> float:
+    """CPUs reserved per decode task: 0.5, or 0.25 when the CLIP actor reserves 0.5.
+
+    It differs from the CLIP actor's reservation on purpose: Ray Data fuses adjacent map stages with equal resources
+    (``ray/data/_internal/logical/rules/operator_fusion.py``; ray-project/ray#54433), which would run decoding inside
+    the CLIP actor, in series with CLIP (docs/performance.md measures the difference). GPU actors never fuse with it.
+    """
+    return 0.25 if cpus_per_actor == 0.5 else 0.5
+
+
+def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:
+    """torch intra-op threads of a CPU CLIP actor.
+
+    Ray sets ``OMP_NUM_THREADS`` to the actor's reserved CPUs (1 by default), which leaves the other cores of a CPU
+    node idle while CLIP, the bottleneck, runs. ``requested`` > 0 is taken as is; 0 means the node's cores shared by
+    the CLIP actors that can land on it (at most ``actors``), at least 1.
+    """
+    if requested > 0:
+        return requested
+    return max(1, node_cpus // max(1, min(actors, node_cpus)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,6 +144,9 @@ class ClipScorer:
         cache_dir: str,
         endpoint_override: str | None,
         precision: str = "fp32",
+        views: str = "exact",
+        threads: int = 0,
+        actors: int = 1,
     ):
         import torch
 
@@ -114,8 +156,11 @@ class ClipScorer:
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(threads, len(os.sched_getaffinity(0)), actors))
         self.model, tokenizer = load_clip(spec, self.device, cache_dir, endpoint_override)
-        _, self.mean, self.std = split_eval_transform(spec.preprocess)
+        self.geometric, self.mean, self.std = split_eval_transform(spec.preprocess)
+        self.views = views
         with torch.inference_mode():
             self.text = class_text_embeddings(self.model.encode_text, tokenizer, classes, templates, self.device)
         self.num_classes = len(classes)
@@ -130,10 +175,10 @@ class ClipScorer:
         torch = self.torch
         from cdul_ray.core.aggregate import aggregate, initial_soft_label, snippet_stats
         from cdul_ray.core.alignment import alignment_scores
-        from cdul_ray.core.views import normalize
+        from cdul_ray.core.views import cut_views, normalize
 
-        views = batch["views"]  # (B, 1+S, 3, H, W) uint8
-        b, v = views.shape[:2]
+        views = batch["views"]  # exact: (B, 1+S, 3, H, W) uint8; device: B images [3, height, width] uint8
+        b, v = len(views), 1 + self.grid * self.grid
         c = self.num_classes
         ok = np.array([s == "" for s in batch["error_stage"]])
         scores = np.zeros((len(schema.SCORE_COLUMNS), b, c), dtype=np.float32)  # (5, B, C)
@@ -141,7 +186,12 @@ class ClipScorer:
         reason = np.array(batch["error_reason"], dtype=object)
         if ok.any():
             with torch.inference_mode():
-                x = torch.from_numpy(np.ascontiguousarray(views[ok])).to(self.device)  # (B', 1+S, 3, H, W)
+                if self.views == "device":
+                    images = [torch.from_numpy(np.require(views[i], np.uint8, ("C", "W"))).to(self.device)
+                              for i in np.flatnonzero(ok)]
+                    x = cut_views(images, self.geometric, self.grid)  # (B', 1+S, 3, H, W) uint8
+                else:
+                    x = torch.from_numpy(np.require(views[ok], np.uint8, ("C", "W"))).to(self.device)
                 x = normalize(x.flatten(0, 1), self.mean, self.std)  # (B'*(1+S), 3, H, W)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                     feats = self.model.encode_image(x)  # (B'*(1+S), D)
@@ -272,11 +322,14 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
+    views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
     decode = Stage(decode_views, cfg.decode_batch_size,
-                   {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint})
+                   {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint, "views": views},
+                   num_cpus=decode_cpus(cfg.cpus_per_actor))
     actor_kwargs = {"spec": spec, "classes": classes, "templates": list(cfg.templates), "grid": cfg.grid,
                     "aggregator": cfg.aggregator, "threshold": cfg.threshold, "lam": cfg.lam,
-                    "cache_dir": cfg.cache_dir, "endpoint_override": endpoint, "precision": cfg.precision}
+                    "cache_dir": cfg.cache_dir, "endpoint_override": endpoint, "precision": cfg.precision,
+                    "views": views, "threads": cfg.cpu_threads, "actors": max_actors or 1}
     score = Stage(ClipScorer, cfg.batch_size, actor_kwargs, num_cpus=cfg.cpus_per_actor,
                   num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
     written = stream_to_parquet(index.records, cfg.output, endpoint, schema.LABELS_DIR, (decode, score),
