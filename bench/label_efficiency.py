@@ -13,8 +13,6 @@ The pipeline gets the same CPUs as the driver's own torch (``ray.init(num_cpus=o
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -25,10 +23,7 @@ import labelbench as lb  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cdul-synth-rn")
-    p.add_argument("--pretrained", default="synth")
-    p.add_argument("--sizes", type=int, nargs=2, default=[100, 400], help="the two pipeline run sizes n1 < n2")
+    p = lb.parser(__doc__, sizes=(100, 400))
     p.add_argument("--loop-images", type=int, default=None, help="images of the bare forward and loop (default n1)")
     p.add_argument("--grid", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (bare and pipeline)")
@@ -109,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               "precision": args.precision, "device": str(m.device), "gflop_per_view": round(flops / 1e9, 4),
               "peak_tflops": args.peak_tflops, "label_args": args.label_arg, "cpus": os.cpu_count(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "ratios": ratios}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return lb.emit(result, args.json)
 
 
 if __name__ == "__main__":

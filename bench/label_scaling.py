@@ -11,7 +11,6 @@ Every number carries the load average; prints a table and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,10 +22,7 @@ import labelbench as lb  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cdul-synth-rn")
-    p.add_argument("--pretrained", default="synth")
-    p.add_argument("--sizes", type=int, nargs=2, default=[100, 300], help="the two pipeline run sizes n1 < n2")
+    p = lb.parser(__doc__, sizes=(100, 300))
     p.add_argument("--grids", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--actors", type=int, nargs="*", default=[1, 2], help="CLIP actor counts (none: skip)")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 16, 32], help="CLIP batch sizes (none: skip)")
@@ -88,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "pretrained": args.pretrained, "precision": args.precision,
               "device": str(m.device), "label_args": args.label_arg, "cpus": os.cpu_count(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return lb.emit(result, args.json)
 
 
 if __name__ == "__main__":

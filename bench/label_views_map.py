@@ -11,7 +11,6 @@ the Table 1 mAPs side by side, the largest absolute difference, and the largest 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -58,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlargest mAP difference {worst:.2f} points (target <= 0.5); largest score difference {score_diff:.4f}")
     result = {"model": args.model, "pretrained": args.pretrained, "images": ex["images"], "rows": rows,
               "max_map_difference": worst, "max_score_difference": score_diff}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return lb.emit(result, args.json)
 
 
 if __name__ == "__main__":

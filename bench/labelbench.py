@@ -220,3 +220,26 @@ def quiet_logs():
         yield
     finally:
         logging.getLogger().setLevel(level)
+
+
+def parser(doc: str, sizes: tuple[int, int] | None = None):
+    """The arguments every labeling bench takes: --model, --pretrained, and the two pipeline run sizes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", default="cdul-synth-rn")
+    p.add_argument("--pretrained", default="synth")
+    if sizes:
+        p.add_argument("--sizes", type=int, nargs=2, default=list(sizes), help="the two pipeline run sizes n1 < n2")
+    return p
+
+
+def emit(result: dict[str, Any], path: str | None) -> int:
+    """Print ``result`` as one JSON line and write it to ``path`` when given; returns the exit code 0."""
+    import json
+
+    print(json.dumps(result))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
