@@ -329,7 +329,9 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
             ds = ds.map_batches(stage.fn, batch_size=stage.batch_size, num_cpus=stage.num_cpus,
                                 num_gpus=stage.num_gpus, **kw)
         sink = _result_datasink_cls()(out_path, results_dir, run_id, rows_per_file, fs)
-        ds.write_datasink(sink)
+        # Writes reserve no CPU: with a CLIP actor (1 CPU) and decode tasks (0.5 each) filling a small node, a 1-CPU
+        # write task waited for the last image, and nothing reached disk before the end (measured on 2 CPUs).
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     finally:
         ctx.checkpoint_config, ctx.use_datasource_v2 = saved
     errors_dir = posixpath.join(out_path, schema.ERRORS_DIR)

@@ -126,3 +126,15 @@ def write_coco_shapes(root: Path, splits: dict[str, int], size: int = 48, seed: 
         )
         out[split] = {"ok": ok, "gt": gt, "corrupt": corrupt_id}
     return out
+
+
+def committed_ids(out: Path) -> int:
+    """Image ids of a streamed run's committed write tasks (``_checkpoint/``, pending ones excluded): the rows that
+    are safely on disk, while a data file may still be half-written until its checkpoint is committed."""
+    import pyarrow.parquet as pq
+
+    from cdul_ray import schema
+
+    folder = out / schema.CHECKPOINT_DIR
+    files = [f for f in folder.glob("*.parquet") if ".pending" not in f.name] if folder.exists() else []
+    return sum(pq.read_metadata(f).num_rows for f in files)

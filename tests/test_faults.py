@@ -29,7 +29,7 @@ from PIL import Image
 from cdul_ray import schema
 from cdul_ray.config import ConfigError, LabelConfig
 from cdul_ray.pipeline import run_labeling
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, committed_ids
 from tests.s3_fixtures import make_bucket, upload_dir
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,7 @@ def _clip_actors() -> dict[str, dict]:
 
 def test_killed_clip_actor_every_image_exactly_once(ray_cluster, tiny_clip, tmp_path):
     """SIGKILL the CLIP actor's worker process once some write tasks committed; the same run finishes."""
-    folder, classes, names = _corpus(tmp_path, 40)
+    folder, classes, names = _corpus(tmp_path, 60)
     out = tmp_path / "out"
     killed: dict = {}
 
@@ -92,7 +92,7 @@ def test_killed_clip_actor_every_image_exactly_once(ray_cluster, tiny_clip, tmp_
         while time.time() < deadline and not killed:
             alive = [a for a in _clip_actors().values() if a["State"] == "ALIVE" and a["Pid"]]
             if alive and _committed(out) >= 1:
-                killed.update(actor=alive[0]["ActorID"], pid=alive[0]["Pid"], labels=len(_ids(out, schema.LABELS_DIR)),
+                killed.update(actor=alive[0]["ActorID"], pid=alive[0]["Pid"], labels=committed_ids(out),
                               at=time.time())
                 os.kill(alive[0]["Pid"], signal.SIGKILL)
                 return
@@ -107,11 +107,12 @@ def test_killed_clip_actor_every_image_exactly_once(ray_cluster, tiny_clip, tmp_
     assert killed and killed["actor"] not in before, "the CLIP actor was not killed during the run"
     assert killed["labels"] < len(names), "killed too late: every label was already on disk"
     actor = _clip_actors()[killed["actor"]]
-    assert actor["NumRestarts"] >= 1  # Ray restarted it (Ray Data's max_restarts=-1, max_task_retries=-1)
+    # Ray restarted it (Ray Data's max_restarts=-1, max_task_retries=-1), or Ray Data replaced it with a new actor
+    assert actor["NumRestarts"] >= 1 or len(set(_clip_actors()) - before) >= 2
     labels, errors = _ids(out, schema.LABELS_DIR), _ids(out, schema.ERRORS_DIR)
     assert sorted(labels) == names and errors == ["bad.jpg"]  # every image exactly once
-    assert (summary.images, summary.labeled, summary.errors) == (41, 40, 1)
-    print(f"CLIP actor killed with {killed['labels']}/40 labels on disk; restarts {actor['NumRestarts']}; "
+    assert (summary.images, summary.labeled, summary.errors) == (len(names) + 1, len(names), 1)
+    print(f"CLIP actor killed with {killed['labels']}/{len(names)} labels on disk; restarts {actor['NumRestarts']}; "
           f"run ended {time.time() - killed['at']:.0f} s later")
 
 
@@ -287,7 +288,7 @@ def test_s3_output_denied_or_missing_fails_fast_naming_the_uri(own_moto, deny_en
     folder, classes, _ = _corpus(tmp_path, 2)
     started = ray.is_initialized()
     t0 = time.time()
-    with pytest.raises(ConfigError, match=r"config field `output`: cannot write to s3://locked/run1: .*ACCESS_DENIED"):
+    with pytest.raises(ConfigError, match=r"config field `output`\)?: cannot write to s3://locked/run1: .*ACCESS_DENIED"):
         run_labeling(_cfg(folder, "s3://locked/run1", tiny_clip, classes, s3_endpoint=deny_endpoint))
     denied_s = time.time() - t0
 
