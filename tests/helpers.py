@@ -128,13 +128,29 @@ def write_coco_shapes(root: Path, splits: dict[str, int], size: int = 48, seed: 
     return out
 
 
-def committed_ids(out: Path) -> int:
-    """Image ids of a streamed run's committed write tasks (``_checkpoint/``, pending ones excluded): the rows that
-    are safely on disk, while a data file may still be half-written until its checkpoint is committed."""
+
+def folder_label_config(dataset, output, clip, classes, **overrides):
+    """A LabelConfig for a folder without ground truth labeled by the tiny CLIP: small batches and output files, so
+    rows reach disk (and checkpoints commit) many times per run."""
+    from cdul_ray.config import LabelConfig
+
+    base = dict(dataset=str(dataset), output=str(output), format="folder", classes_file=str(classes),
+                model=f"local-dir:{clip}", pretrained="none", batch_size=4, decode_batch_size=4, rows_per_file=4,
+                max_actors=1)
+    base.update(overrides)
+    return LabelConfig(**base)
+
+
+def output_ids(out: Path, sub: str) -> list[str]:
+    """Every ``image_id`` in the Parquet files of ``<out>/<sub>/`` (``[]`` when the folder does not exist)."""
     import pyarrow.parquet as pq
 
-    from cdul_ray import schema
+    files = sorted((out / sub).glob("*.parquet")) if (out / sub).exists() else []
+    return [i for f in files for i in pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
 
-    folder = out / schema.CHECKPOINT_DIR
-    files = [f for f in folder.glob("*.parquet") if ".pending" not in f.name] if folder.exists() else []
-    return sum(pq.read_metadata(f).num_rows for f in files)
+
+def committed_count(out: Path) -> int:
+    """Image ids committed by a streamed run so far (Ray's checkpoint; a data file may be half-written until then)."""
+    from cdul_ray.batch_inference import committed_ids
+
+    return len(committed_ids(str(out), None))

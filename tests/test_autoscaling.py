@@ -4,7 +4,7 @@ Ray's fake multi-node provider (``provider: fake_multinode``, the provider behin
 ``ray.cluster_utils.AutoscalingCluster``) launches "nodes" as extra raylets on this machine when the autoscaler asks for
 them, with whatever resources their node type declares: GPUs are fake (no CUDA; ClipScorer falls back to the CPU). The
 cluster is started like ``AutoscalingCluster.start()`` does, but in this test's own process group, temp dir and ports
-(``AutoscalingCluster`` runs ``ray stop --force``, which stops every Ray process on the machine, and its template
+(``AutoscalingCluster`` force-stops every Ray process on the machine when it starts and shuts down, and its template
 ``example.yaml`` is missing from the 2.60 wheel). As on a ``ray up`` head node, the autoscaler config lives in the home
 directory as ``ray_bootstrap_config.yaml``, and the job runs as a driver on the head (what ``ray job submit`` does),
 submitted with defaults: no ``--use-gpu``, no ``--max-actors``.

@@ -27,9 +27,9 @@ import pytest
 from PIL import Image
 
 from cdul_ray import schema
-from cdul_ray.config import ConfigError, LabelConfig
+from cdul_ray.config import ConfigError
 from cdul_ray.pipeline import run_labeling
-from tests.helpers import CLASSES, committed_ids
+from tests.helpers import CLASSES, committed_count, folder_label_config, output_ids
 from tests.s3_fixtures import make_bucket, upload_dir
 
 pytestmark = pytest.mark.slow
@@ -51,17 +51,6 @@ def _corpus(tmp_path: Path, n: int) -> tuple[Path, Path, list[str]]:
     return folder, classes, names
 
 
-def _cfg(dataset, output, clip, classes, **kw) -> LabelConfig:
-    base = dict(dataset=str(dataset), output=str(output), format="folder", classes_file=str(classes),
-                model=f"local-dir:{clip}", pretrained="none", batch_size=2, decode_batch_size=2, rows_per_file=4,
-                max_actors=1)
-    base.update(kw)
-    return LabelConfig(**base)
-
-
-def _ids(out: Path, sub: str) -> list[str]:
-    files = sorted((out / sub).glob("*.parquet")) if (out / sub).exists() else []
-    return [i for f in files for i in pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
 
 
 def _committed(out: Path) -> int:
@@ -75,6 +64,10 @@ def _clip_actors() -> dict[str, dict]:
     import ray
 
     return {a["ActorID"]: a for a in ray._private.state.actors().values() if "ClipScorer" in a["Name"] + a["ActorClassName"]}
+
+
+def _cfg(dataset, output, clip, classes, **kw):
+    return folder_label_config(dataset, output, clip, classes, **{"batch_size": 2, "decode_batch_size": 2, **kw})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,7 +85,7 @@ def test_killed_clip_actor_every_image_exactly_once(ray_cluster, tiny_clip, tmp_
         while time.time() < deadline and not killed:
             alive = [a for a in _clip_actors().values() if a["State"] == "ALIVE" and a["Pid"]]
             if alive and _committed(out) >= 1:
-                killed.update(actor=alive[0]["ActorID"], pid=alive[0]["Pid"], labels=committed_ids(out),
+                killed.update(actor=alive[0]["ActorID"], pid=alive[0]["Pid"], labels=committed_count(out),
                               at=time.time())
                 os.kill(alive[0]["Pid"], signal.SIGKILL)
                 return
@@ -109,7 +102,7 @@ def test_killed_clip_actor_every_image_exactly_once(ray_cluster, tiny_clip, tmp_
     actor = _clip_actors()[killed["actor"]]
     # Ray restarted it (Ray Data's max_restarts=-1, max_task_retries=-1), or Ray Data replaced it with a new actor
     assert actor["NumRestarts"] >= 1 or len(set(_clip_actors()) - before) >= 2
-    labels, errors = _ids(out, schema.LABELS_DIR), _ids(out, schema.ERRORS_DIR)
+    labels, errors = output_ids(out, schema.LABELS_DIR), output_ids(out, schema.ERRORS_DIR)
     assert sorted(labels) == names and errors == ["bad.jpg"]  # every image exactly once
     assert (summary.images, summary.labeled, summary.errors) == (len(names) + 1, len(names), 1)
     print(f"CLIP actor killed with {killed['labels']}/{len(names)} labels on disk; restarts {actor['NumRestarts']}; "
@@ -442,7 +435,7 @@ def test_worker_node_stopped_mid_job_every_image_exactly_once(two_nodes, tiny_cl
         deadline = time.time() + 240
         while _committed(out) < 1 and job.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        on_disk = len(_ids(out, schema.LABELS_DIR))
+        on_disk = len(output_ids(out, schema.LABELS_DIR))
         assert job.poll() is None and on_disk < len(names), f"the job ended before the node could be stopped"
         _stop_group(worker, grace_s=0)  # SIGTERM then at once SIGKILL: the node is gone
         worker.wait(30)
@@ -458,7 +451,7 @@ def test_worker_node_stopped_mid_job_every_image_exactly_once(two_nodes, tiny_cl
                                cwd=REPO)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     summary = json.loads((out / schema.SUMMARY_FILE).read_text())
-    labels, errors = _ids(out, schema.LABELS_DIR), _ids(out, schema.ERRORS_DIR)
+    labels, errors = output_ids(out, schema.LABELS_DIR), output_ids(out, schema.ERRORS_DIR)
     assert sorted(labels) == names and errors == ["bad.jpg"]  # every image exactly once
     assert summary["labeled_total"] == 32 and summary["errors_total"] == 1
     print(f"worker node stopped with {on_disk} labels on disk; first run rc={job.returncode}")

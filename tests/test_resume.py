@@ -19,9 +19,8 @@ from PIL import Image
 
 from cdul_ray import schema
 from cdul_ray.batch_inference import OutputExistsError
-from cdul_ray.config import LabelConfig
 from cdul_ray.pipeline import run_labeling
-from tests.helpers import CLASSES, committed_ids
+from tests.helpers import CLASSES, committed_count, folder_label_config as _cfg, output_ids
 from tests.s3_fixtures import make_bucket, s3_env, upload_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -48,19 +47,6 @@ def corpus(tmp_path):
     return folder, classes
 
 
-def _cfg(dataset, output, clip, classes, **kw) -> LabelConfig:
-    base = dict(dataset=str(dataset), output=str(output), format="folder", classes_file=str(classes),
-                model=f"local-dir:{clip}", pretrained="none", batch_size=4, decode_batch_size=4, rows_per_file=4,
-                max_actors=1)
-    base.update(kw)
-    return LabelConfig(**base)
-
-
-def _ids(out: Path, sub: str) -> list[str]:
-    if not (out / sub).exists():
-        return []
-    files = sorted((out / sub).glob("*.parquet"))
-    return [i for f in files for i in pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
 
 
 def test_folder_without_ground_truth_one_row_per_readable_image(ray_cluster, corpus, tiny_clip, tmp_path, caplog):
@@ -72,7 +58,7 @@ def test_folder_without_ground_truth_one_row_per_readable_image(ray_cluster, cor
     expected = sorted([f"img_{i:03d}.jpg" for i in range(10)] + ["trip/beach 1.jpg"])
     assert sorted(labels["image_id"].to_pylist()) == expected
     assert labels["gt_labels"].null_count == labels.num_rows  # no ground truth: null, not a crash
-    assert _ids(out, schema.ERRORS_DIR) == ["broken.jpg"]
+    assert output_ids(out, schema.ERRORS_DIR) == ["broken.jpg"]
     assert (summary.images, summary.already_done, summary.labeled, summary.errors) == (12, 0, 11, 1)
     assert summary.evaluation is None and not (out / schema.EVALUATION_JSON).exists()
     assert "no ground truth" in summary.render()
@@ -91,7 +77,7 @@ def test_incremental_run_labels_only_new_images(ray_cluster, corpus, tiny_clip, 
     summary = run_labeling(_cfg(folder, out, tiny_clip, classes))
     assert (summary.images, summary.already_done, summary.labeled, summary.errors) == (15, 12, 3, 0)
     assert (summary.labeled_total, summary.errors_total) == (14, 1)
-    ids = _ids(out, schema.LABELS_DIR)
+    ids = output_ids(out, schema.LABELS_DIR)
     assert len(ids) == len(set(ids)) == 14
     assert set(ids) - set(before["image_id"].to_pylist()) == {"new_a.jpg", "trip/new_b.jpg", "new_c.jpg"}
     # the first run's files are untouched: the same rows, bit for bit
@@ -101,7 +87,7 @@ def test_incremental_run_labels_only_new_images(ray_cluster, corpus, tiny_clip, 
 
     nothing = run_labeling(_cfg(folder, out, tiny_clip, classes))  # the same command a third time
     assert (nothing.already_done, nothing.labeled, nothing.errors) == (15, 0, 0)
-    assert len(_ids(out, schema.LABELS_DIR)) == 14
+    assert len(output_ids(out, schema.LABELS_DIR)) == 14
 
 
 def test_different_label_defining_config_is_refused_by_name(ray_cluster, corpus, tiny_clip, tmp_path):
@@ -131,7 +117,7 @@ def test_manifest_without_ground_truth(ray_cluster, corpus, tiny_clip, tmp_path)
     pq.write_table(pa.table({"uri": [str(folder / n) for n in names], "image_id": ["a", "b", "c", "d"]}), manifest)
     out = tmp_path / "out"
     summary = run_labeling(_cfg(manifest, out, tiny_clip, classes, format="manifest"))
-    assert sorted(_ids(out, schema.LABELS_DIR)) == ["a", "b", "c"]
+    assert sorted(output_ids(out, schema.LABELS_DIR)) == ["a", "b", "c"]
     errors = pq.read_table(out / schema.ERRORS_DIR).to_pylist()
     assert [(e["image_id"], e["stage"]) for e in errors] == [("d", "read")]
     assert (summary.labeled, summary.errors, summary.evaluation) == (3, 1, None)
@@ -188,17 +174,17 @@ def test_killed_driver_resumes_exactly_once(tiny_clip, tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the first run ended before it could be killed"
-        assert committed_ids(out) < len(names), "killed too late to test a resume"
+        assert committed_count(out) < len(names), "killed too late to test a resume"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / schema.SUMMARY_FILE).exists()
-    assert committed_ids(out) > 0  # data files may be half-written here: the resume rolls them back
+    assert committed_count(out) > 0  # data files may be half-written here: the resume rolls them back
 
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / schema.SUMMARY_FILE).read_text())
-    labels, errors = _ids(out, schema.LABELS_DIR), _ids(out, schema.ERRORS_DIR)
+    labels, errors = output_ids(out, schema.LABELS_DIR), output_ids(out, schema.ERRORS_DIR)
     assert sorted(labels) == names and errors == ["bad.jpg"]  # every image exactly once
     assert summary["images"] == 61 and summary["already_done"] > 0
     assert summary["labeled"] + summary["errors"] < 61  # the second run labeled fewer images than the corpus holds
