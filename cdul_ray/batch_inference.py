@@ -48,7 +48,15 @@ ID_COLUMN = "image_id"
 
 
 class OutputExistsError(FileExistsError):
-    """The output location holds something this run must not write into (see :func:`prepare_output`)."""
+    """The output location holds something this run must not write into (labeling, prediction and training).
+
+    The message is prefixed with the ``output`` field's name as every config error names it.
+    """
+
+    def __init__(self, message: str):
+        from cdul_ray.config import field_prefix
+
+        super().__init__(f"{field_prefix('output')}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ def _prepare_output(output: str, endpoint: str | None, overwrite: bool, run_conf
     if info.type == FileType.NotFound:
         return
     if info.type != FileType.Directory:
-        raise OutputExistsError(f"config field `output`: {output} exists and is not a directory")
+        raise OutputExistsError(f"{output} exists and is not a directory")
     if not fs.get_file_info(FileSelector(path, allow_not_found=True)):
         return
     config_path = storage.join(output, schema.RUN_CONFIG_FILE)
@@ -112,7 +120,7 @@ def _prepare_output(output: str, endpoint: str | None, overwrite: bool, run_conf
     if previous is None or _kind(previous) != kind:
         what = f"holds a {_RUN_NAMES[_kind(previous)]}, no" if previous else "holds no"
         raise OutputExistsError(
-            f"config field `output`: {output} is not empty and {what} {_RUN_NAMES[kind]} ({schema.RUN_CONFIG_FILE}); "
+            f"{output} is not empty and {what} {_RUN_NAMES[kind]} ({schema.RUN_CONFIG_FILE}); "
             "refusing to write into it or delete it, even with --overwrite; choose another output"
         )
     if overwrite:
@@ -122,7 +130,7 @@ def _prepare_output(output: str, endpoint: str | None, overwrite: bool, run_conf
     if differ:
         detail = "; ".join(f"{f}: {previous.get(f)!r} in the output, {run_config.get(f)!r} now" for f in differ)
         raise OutputExistsError(
-            f"config field `output`: {output} holds a run with different {', '.join(differ)} ({detail}). Mixing two "
+            f"{output} holds a run with different {', '.join(differ)} ({detail}). Mixing two "
             "label sets in one output would corrupt it: use the same settings to resume, another --output, or "
             "--overwrite to start again"
         )

@@ -31,10 +31,16 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, message: str, flag: str | None = ""):
         if flag == "":
             flag = flag_name(field_name)
-        prefix = f"{flag} (config field `{field_name}`)" if flag else f"config field `{field_name}`"
-        super().__init__(f"{prefix}: {message}")
+        super().__init__(f"{field_prefix(field_name, flag)}: {message}")
         self.field = field_name
         self.flag = flag
+
+
+def field_prefix(field_name: str, flag: str | None = "") -> str:
+    """How every error names a config field: ``--classes-file (config field `classes_file`)``; without a flag (None),
+    only the field."""
+    flag = flag_name(field_name) if flag == "" else flag
+    return f"{flag} (config field `{field_name}`)" if flag else f"config field `{field_name}`"
 
 
 def flag_name(field_name: str) -> str:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import torch
 
 from cdul_ray import schema, storage
+from cdul_ray.batch_inference import OutputExistsError
 from cdul_ray.classifier import check_backbone, checkpoint_dirs, create_classifier, decode_resized, normalisation, \
     resolve_backbone_weights
 from cdul_ray.config import ConfigError
@@ -35,10 +36,6 @@ from cdul_ray.train.labels import label_table, read_history, version_uri
 from cdul_ray.train.worker import CRASH_ENV, WorkerInputs, train_worker
 
 logger = logging.getLogger(__name__)
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory holds something other than a compatible training run and ``overwrite`` is off."""
 
 
 @dataclass(frozen=True)
@@ -192,22 +189,22 @@ def prepare_output(cfg: TrainConfig, endpoint: str | None) -> bool:
     if info.type == FileType.NotFound:
         return False
     if info.type != FileType.Directory:
-        raise OutputExistsError(f"config field `output`: {cfg.output} exists and is not a directory")
+        raise OutputExistsError(f"{cfg.output} exists and is not a directory")
     if not fs.get_file_info(FileSelector(path, allow_not_found=True)):
         return False
     run_config_uri = storage.join(cfg.output, schema.RUN_CONFIG_FILE)
     previous = storage.read_json(run_config_uri, endpoint) if storage.exists(run_config_uri, endpoint) else None
     if cfg.overwrite:
         if not previous:  # --overwrite replaces a cdul run, never an arbitrary directory (`--output ~ --overwrite`)
-            raise OutputExistsError(f"config field `output`: {cfg.output} is not empty and holds no cdul run "
+            raise OutputExistsError(f"{cfg.output} is not empty and holds no cdul run "
                                     f"({schema.RUN_CONFIG_FILE}); refusing to delete it even with --overwrite")
         fs.delete_dir_contents(path)
         return False
     if not previous:
-        raise OutputExistsError(f"config field `output`: {cfg.output} is not empty and holds no cdul run; choose "
+        raise OutputExistsError(f"{cfg.output} is not empty and holds no cdul run; choose "
                                 "another output")
     if "label_lr" not in previous:
-        raise OutputExistsError(f"config field `output`: {cfg.output} holds a cdul run that is not a training run; "
+        raise OutputExistsError(f"{cfg.output} holds a cdul run that is not a training run; "
                                 "pass --overwrite to replace it or choose another output")
     current = cfg.to_dict()
     for name, value in current.items():
