@@ -312,12 +312,35 @@ def test_train_and_predict_with_everything_on_s3(ray_cluster, s3_env, shapes, pl
 
 @pytest.mark.parametrize("field,value", [("loss", "mse"), ("psi", "two"), ("epochs", 0), ("lr", 0.0),
                                          ("label_lr", -1.0), ("workers", 0), ("cache_decoded", "maybe"),
-                                         ("format", "tfrecord"), ("image_size", 4)])
+                                         ("format", "tfrecord"), ("image_size", 4), ("supervision", "gt"),
+                                         ("label_update", True)])
 def test_bad_fields_are_named(field, value):
-    cfg = TrainConfig(labels="l", dataset="d", output="o")
+    cfg = TrainConfig(labels="l", dataset="d", output="o", supervision="ground_truth" if field == "label_update"
+                      else "pseudo", label_update=field != "label_update")
     with pytest.raises(ConfigError) as e:
         dataclasses.replace(cfg, **{field: value}).validate()
     assert e.value.field == field
+
+
+def test_ground_truth_supervision_trains_on_the_annotations_of_the_same_images(shapes, planted, tmp_path):
+    from cdul_ray.train.job import plan_training
+
+    root, info = shapes
+    pseudo = plan_training(_cfg(planted, root, tmp_path / "p"))
+    full = plan_training(_cfg(planted, root, tmp_path / "f", supervision="ground_truth", label_update=False))
+    assert full.data.image_ids == pseudo.data.image_ids and len(full.data.image_ids) == N_TRAIN
+    targets = _targets(root, "train")
+    expected = np.stack([targets[i] for i in full.data.image_ids]).astype(np.float32)
+    np.testing.assert_array_equal(full.data.initial, expected)
+    assert not np.array_equal(pseudo.data.initial, expected)  # the planted labels are noisy, not the annotations
+    unannotated = tmp_path / "unannotated"  # the same images listed without annotations (test-style COCO file)
+    shutil.copytree(root, unannotated)
+    ann = unannotated / "annotations" / "instances_train.json"
+    ann.write_text(json.dumps({k: v for k, v in json.loads(ann.read_text()).items() if k != "annotations"}))
+    with pytest.raises(ConfigError, match="no ground truth to train on") as e:
+        plan_training(_cfg(planted, unannotated, tmp_path / "g", supervision="ground_truth", label_update=False))
+    assert e.value.field == "supervision"
+    assert not any((tmp_path / d).exists() for d in "pfg")
 
 
 def test_missing_labeling_run_fails_fast(shapes, tmp_path):

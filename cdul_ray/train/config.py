@@ -19,6 +19,7 @@ RESUME_MUTABLE = frozenset(
      "s3_endpoint", "cache_dir", "overwrite", "cam_images"}
 )
 
+SUPERVISION = ("pseudo", "ground_truth")
 SMOKE_BACKBONE = "test_resnet"  # timm's ~0.4 M-parameter test ResNet
 
 
@@ -47,6 +48,9 @@ class TrainConfig:
     lr: float = option(1e-4, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     loss: str = option("bce", "loss on soft targets: bce (sigmoid outputs) or kl (softmax outputs)")
+    supervision: str = option("pseudo", "what the classifier learns from: pseudo (the labeling run's soft pseudo labels: "
+                              "CDUL) or ground_truth (the split's annotations: the fully supervised ceiling of paper "
+                              "Table 2; needs ground truth and --label-update false)")
     label_update: bool = option(True, "update the latent labels along the loss gradient (off: train on fixed labels)")
     label_lr: float = option(0.1, "label step size eta of z <- z - eta * psi(Y) * dD/dY")
     label_update_every: int = option(1, "update the labels every k-th epoch after the warm-up")
@@ -82,6 +86,10 @@ class TrainConfig:
             raise ConfigError("batch_size", f"the global batch ({self.batch_size}) must be >= workers ({self.workers})")
         check_choice(self, "loss", LOSSES)
         check_choice(self, "psi", PSI)
+        check_choice(self, "supervision", SUPERVISION)
+        if self.supervision == "ground_truth" and self.label_update:
+            raise ConfigError("label_update", "ground-truth training has no latent labels to move: pass "
+                                              "--label-update false with --supervision ground_truth")
         check_tristate(self, "use_gpu", "cache_decoded")
         check_at_least(self, -1, "max_failures")
         if self.eval_split is not None and self.eval_split == self.split:

@@ -135,7 +135,15 @@ def load_index(cfg: TrainConfig, split: str | None, classes: list[str], endpoint
 
 
 def join_labels(index, classes: list[str], table: pa.Table, errors: pa.Table, cfg: TrainConfig) -> TrainingSet:
-    """Training images = index images with a pseudo label; the rest are recorded as skipped."""
+    """Training images = index images with a pseudo label; the rest are recorded as skipped.
+
+    The initial latent labels Y0 are the pseudo labels, or the images' multi-hot ground truth with
+    ``supervision="ground_truth"`` (same images, so the two runs differ only in their targets).
+
+    Raises:
+        ConfigError: no image matches, the labels come from another split, fewer images than workers, or ground-truth
+        supervision on a split without ground truth.
+    """
     from cdul_ray.core.metrics import multi_hot
 
     c = len(classes)
@@ -171,6 +179,10 @@ def join_labels(index, classes: list[str], table: pa.Table, errors: pa.Table, cf
                         "row": pa.array(np.arange(len(keep), dtype=np.int64))})
     initial = values[[by_id[i] for i in image_ids]].astype(np.float32)
     targets = multi_hot([gts[i] for i in keep], c) if index.has_ground_truth else None
+    if cfg.supervision == "ground_truth":  # the fully supervised ceiling: the same images, their annotations
+        if targets is None:
+            raise ConfigError("supervision", f"split {cfg.split!r} of {cfg.dataset} has no ground truth to train on")
+        initial = targets.astype(np.float32)
     return TrainingSet(records=records, image_ids=image_ids, initial=initial, targets=targets,
                         skipped=schema.errors_table(skipped_rows), gt={ids[i]: gts[i] for i in keep})
 
