@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import OutputExistsError, Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import LabelConfig
-from cdul_ray.resources import actor_pool
+from cdul_ray.resources import actor_pool, cpu_threads, decode_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -97,28 +97,6 @@ def decode_views(
     out["error_stage"] = np.array([r[3] for r in results], dtype=object)
     out["error_reason"] = np.array([r[4] for r in results], dtype=object)
     return out
-
-
-def decode_cpus(cpus_per_actor: float) -> float:
-    """CPUs reserved per decode task: 0.5, or 0.25 when the CLIP actor reserves 0.5.
-
-    It differs from the CLIP actor's reservation on purpose: Ray Data fuses adjacent map stages with equal resources
-    (``ray/data/_internal/logical/rules/operator_fusion.py``; ray-project/ray#54433), which would run decoding inside
-    the CLIP actor, in series with CLIP (docs/performance.md measures the difference). GPU actors never fuse with it.
-    """
-    return 0.25 if cpus_per_actor == 0.5 else 0.5
-
-
-def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:
-    """torch intra-op threads of a CPU CLIP actor.
-
-    Ray sets ``OMP_NUM_THREADS`` to the actor's reserved CPUs (1 by default), which leaves the other cores of a CPU
-    node idle while CLIP, the bottleneck, runs. ``requested`` > 0 is taken as is; 0 means the node's cores shared by
-    the CLIP actors that can land on it (at most ``actors``), at least 1.
-    """
-    if requested > 0:
-        return requested
-    return max(1, node_cpus // max(1, min(actors, node_cpus)))
 
 
 # --------------------------------------------------------------------------------------------------------------------

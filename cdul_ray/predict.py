@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import SMOKE_IMAGES, check_actor_pool, check_dataset_input, gpu_option, option, to_dict
-from cdul_ray.resources import actor_pool
+from cdul_ray.resources import actor_pool, cpu_threads, decode_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,15 @@ class Predictor:
     ``error_stage``/``error_reason``.
     """
 
-    def __init__(self, model_dir: str, endpoint_override: str | None):
+    def __init__(self, model_dir: str, endpoint_override: str | None, actors: int = 1):
         import torch
 
         from cdul_ray.classifier import load_model_dir
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":  # Ray's OMP_NUM_THREADS=1 would leave the node's other cores idle
+            torch.set_num_threads(cpu_threads(0, len(os.sched_getaffinity(0)), actors))
         self.model, self.meta = load_model_dir(model_dir, self.device, endpoint_override)
         self.num_classes = len(self.meta["classes"])
         self.out_schema = schema.predictions_schema(self.num_classes).append(
@@ -224,8 +227,10 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
     decode = Stage(decode_resized, cfg.decode_batch_size,
-                   {"image_size": int(meta["image_size"]), "endpoint_override": endpoint})
-    classify = Stage(Predictor, cfg.batch_size, {"model_dir": model_dir, "endpoint_override": endpoint},
+                   {"image_size": int(meta["image_size"]), "endpoint_override": endpoint},
+                   num_cpus=decode_cpus(cfg.cpus_per_actor))  # not fused into the classifier actor
+    classify = Stage(Predictor, cfg.batch_size,
+                     {"model_dir": model_dir, "endpoint_override": endpoint, "actors": max_actors or 1},
                      num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
     written = stream_to_parquet(index.records, cfg.output, endpoint, schema.PREDICTIONS_DIR, (decode, classify),
                                 cfg.rows_per_file)

@@ -225,3 +225,25 @@ def actor_pool(cfg: Any) -> tuple[bool, int, int | None]:
     plan = plan_actor_pool(cfg.use_gpu, cfg.min_actors, cfg.max_actors, gpu_capacity())
     logger.log(logging.WARNING if plan.warn else logging.INFO, "%s", plan.reason)
     return plan.use_gpu, plan.min_actors, plan.max_actors
+
+
+def decode_cpus(cpus_per_actor: float) -> float:
+    """CPUs reserved per decode task: 0.5, or 0.25 when the CLIP actor reserves 0.5.
+
+    It differs from the CLIP actor's reservation on purpose: Ray Data fuses adjacent map stages with equal resources
+    (``ray/data/_internal/logical/rules/operator_fusion.py``; ray-project/ray#54433), which would run decoding inside
+    the CLIP actor, in series with CLIP (docs/performance.md measures the difference). GPU actors never fuse with it.
+    """
+    return 0.25 if cpus_per_actor == 0.5 else 0.5
+
+
+def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:
+    """torch intra-op threads of a CPU CLIP actor.
+
+    Ray sets ``OMP_NUM_THREADS`` to the actor's reserved CPUs (1 by default), which leaves the other cores of a CPU
+    node idle while CLIP, the bottleneck, runs. ``requested`` > 0 is taken as is; 0 means the node's cores shared by
+    the CLIP actors that can land on it (at most ``actors``), at least 1.
+    """
+    if requested > 0:
+        return requested
+    return max(1, node_cpus // max(1, min(actors, node_cpus)))

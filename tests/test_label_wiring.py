@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cdul_ray.config import ConfigError, LabelConfig
-from cdul_ray.pipeline import cpu_threads, decode_cpus
+from cdul_ray.resources import cpu_threads, decode_cpus
 
 
 def test_cpu_threads_share_the_node_between_clip_actors():
