@@ -42,14 +42,26 @@ def test_reduced_demo_console_tables_and_outputs(ray_cluster, tmp_path):
     assert m["max"] >= m["global"] + 5.0, m
     assert m["cdul"] >= m["global"] + 5.0, m
     assert table1["zeta_sweep"]["0"] == pytest.approx(m["max"])  # ζ = 0 is `max` exactly
-    assert len(table2) == 3 and all(0.0 < v <= 100.0 for v in table2.values())
+    assert [r["inference"] for r in table2] == ["1 CLIP forward", "10 CLIP forwards"] + ["1 classifier forward"] * 3
+    assert all(0.0 < r["test_map"] <= 100.0 and r["images_per_s"] > 0 for r in table2)
+    assert "ground-truth" in table2[4]["method"]
+    # rows 1-2 recomputed here from the test split's labeling output: global scores and the cdul soft labels
+    from cdul_ray.core.metrics import mean_average_precision
+    from cdul_ray.evaluate import read_label_scores, soft_labels
+
+    scores = read_label_scores(str(out / "labels-test"))
+    assert table2[0]["test_map"] == pytest.approx(mean_average_precision(scores.global_score, scores.targets).map)
+    assert table2[1]["test_map"] == pytest.approx(
+        mean_average_precision(soft_labels(scores, "cdul", 0.1), scores.targets).map)
+    for row, run in zip(table2[2:], ("train-fixed", "train-update", "train-supervised")):
+        assert row["test_map"] == pytest.approx(json.loads((out / run / "summary.json").read_text())["eval_map"])
 
     # The console: the tables once, at the end, after every Ray line; then the path of every output.
     assert console.count("Table 1 layout") == 1 and console.count("Table 2 layout") == 1
     final = console[console.index("\nTable 1 layout"):]
     assert f"| {m['global']:.1f} | {m['avg']:.1f} | {m['max']:.1f} | {m['cdul']:.1f} |" in final
-    for name, value in table2.items():
-        assert f"| {name} | {value:.1f} |" in final
+    for r in table2:
+        assert f"| {r['method']} | {r['inference']} | {r['test_map']:.1f} | {r['images_per_s']:.1f} |" in final
     assert not TQDM_REDRAW.search(final), final
     assert "pid=" not in final and " INFO " not in final and "WARNING" not in final, final
     # no worker's tqdm redraws anywhere (Ray Train's split coordinator and workers used to print ~500)
@@ -61,7 +73,7 @@ def test_reduced_demo_console_tables_and_outputs(ray_cluster, tmp_path):
     report = out / "labels-train" / "report"
     expected = [out / "labels-train" / "labels", out / "labels-train" / "evaluation.md", report / "report.md",
                 *sorted(report.glob("*.png")), out / "labels-test" / "labels", out / "demo.json"]
-    for run in ("train-fixed", "train-update"):
+    for run in ("train-fixed", "train-update", "train-supervised"):
         expected += [out / run / "model", out / run / "history.csv", out / run / "cam"]
     assert sorted(listed) == sorted(str(p) for p in expected)
     assert all(Path(p).exists() for p in listed)
