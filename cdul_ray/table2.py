@@ -12,7 +12,7 @@ Rows, top to bottom (method.md §2-§6):
 mAP of rows 1-2 comes from a labeling run of the test split (``cdul label``); rows 3-5 from training runs
 (``cdul train``, ``eval_split`` = the test split). Inference images/s is measured here, in this process, on the
 same test images for every row: read + decode + the row's preprocessing + forward, batches of 32, all the cores
-of the machine, after one untimed warm-up batch. It is the cost of the method, not of the Ray pipeline around it
+of the machine, after one untimed warm-up batch; the best of three passes, the rows interleaved pass by pass. It is the cost of the method, not of the Ray pipeline around it
 (docs/performance.md measures that).
 """
 
@@ -40,18 +40,30 @@ class Table2Row:
     images_per_s: float
 
 
-def images_per_second(step: Callable[[list[str]], Any], uris: list[str], batch_size: int = BATCH) -> float:
-    """Steady-state images/s of ``step`` (a batch of image URIs -> scores) over ``uris``; the first batch is an
-    untimed warm-up. Raises ValueError with fewer than two batches of images."""
+def images_per_second(steps: dict[str, Callable[[list[str]], Any]], uris: list[str], batch_size: int = BATCH,
+                      rounds: int = 3) -> dict[str, float]:
+    """Steady-state images/s of each step (a batch of image URIs -> scores) over ``uris``: the best of ``rounds``
+    timed passes, the steps interleaved round by round (so a burst of load on a shared machine does not land on one
+    row only); each pass starts with an untimed warm-up batch.
+
+    Raises:
+        ValueError: fewer than two batches of images, or ``rounds`` < 1.
+    """
     batches = [uris[i:i + batch_size] for i in range(0, len(uris), batch_size)]
     if len(batches) < 2:
         raise ValueError(f"{len(uris)} images: at least {batch_size + 1} are needed to time a warm batch")
-    step(batches[0])
-    start, n = time.perf_counter(), 0
-    for batch in batches[1:]:
-        step(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - start)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    best = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step(batches[0])
+            start, n = time.perf_counter(), 0
+            for batch in batches[1:]:
+                step(batch)
+                n += len(batch)
+            best[name] = max(best[name], n / (time.perf_counter() - start))
+    return best
 
 
 def _index_batch(uris: list[str]) -> dict[str, np.ndarray]:

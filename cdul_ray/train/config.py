@@ -50,7 +50,7 @@ class TrainConfig:
     loss: str = option("bce", "loss on soft targets: bce (sigmoid outputs) or kl (softmax outputs)")
     supervision: str = option("pseudo", "what the classifier learns from: pseudo (the labeling run's soft pseudo labels: "
                               "CDUL) or ground_truth (the split's annotations: the fully supervised ceiling of paper "
-                              "Table 2; needs ground truth and --label-update false)")
+                              "Table 2; needs ground truth and --no-label-update)")
     label_update: bool = option(True, "update the latent labels along the loss gradient (off: train on fixed labels)")
     label_lr: float = option(0.1, "label step size eta of z <- z - eta * psi(Y) * dD/dY")
     label_update_every: int = option(1, "update the labels every k-th epoch after the warm-up")
@@ -89,7 +89,7 @@ class TrainConfig:
         check_choice(self, "supervision", SUPERVISION)
         if self.supervision == "ground_truth" and self.label_update:
             raise ConfigError("label_update", "ground-truth training has no latent labels to move: pass "
-                                              "--label-update false with --supervision ground_truth")
+                                              "--no-label-update with --supervision ground_truth")
         check_tristate(self, "use_gpu", "cache_decoded")
         check_at_least(self, -1, "max_failures")
         if self.eval_split is not None and self.eval_split == self.split:
