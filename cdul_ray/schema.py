@@ -17,9 +17,12 @@ Output directory of a training run (``cdul train``; written by cdul_ray.train.jo
     <output>/
       run_config.json          the effective TrainConfig (a resubmission with the same output resumes)
       classes.json             {"classes": [...]}, the labeling run's class order
-      labels/v0000/            initial latent labels Y0 = the labeling run's soft_label (LATENT_LABELS_SCHEMA)
-      labels/v{e:04d}/         latent labels after epoch e: part-{rank:05d}.parquet (rows a worker trained on) and
-                               part-carry.parquet (rows no worker saw that epoch, carried over unchanged)
+      labels/v0000/            initial latent labels Y0 = the labeling run's soft_label (LATENT_LABELS_SCHEMA):
+                               part-initial.parquet and _complete.json
+      labels/v{e:04d}/         latent labels after epoch e, one row per training image (``row`` = its index in the
+                               training order): part-{rank:05d}.parquet (the rows a worker received that epoch,
+                               sorted by row within each row group), part-carry.parquet (rows no worker received,
+                               carried over unchanged) and _complete.json (written last: the version is complete)
       checkpoints/             Ray Train run directory: checkpoint_epoch{e:04d}/ (model.pt, optimizer.pt, model.json,
                                state.json) and Ray's checkpoint_manager_snapshot.json
       history.csv              HISTORY_COLUMNS, one row per epoch (epoch 0 = the initial labels)
@@ -74,6 +77,9 @@ OPTIMIZER_STATE = "optimizer.pt"
 TRAIN_STATE = "state.json"  # epoch, label version, history
 INITIAL_LABELS_FILE = "part-initial.parquet"  # in labels/v0000/
 CARRY_LABELS_FILE = "part-carry.parquet"  # in labels/v{e:04d}/
+# In labels/v{e:04d}/, written last (after the exactness check): {"version": e, "rows": N}. Readers take the newest
+# version that has it; the leading underscore keeps Parquet dataset discovery from reading it as data.
+LABEL_VERSION_COMPLETE_FILE = "_complete.json"
 LABELING_ERRORS_FILE = "labeling.parquet"  # in errors/
 TRAIN_DECODE_ERRORS_FILE = "train-decode.parquet"  # in errors/
 EVAL_DECODE_ERRORS_FILE = "eval-decode.parquet"  # in errors/
@@ -173,6 +179,7 @@ def errors_table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
 LATENT_LABELS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),  # the image's index in the run's (seeded) training order
         pa.field("version", pa.int32(), nullable=False),
         pa.field("latent_label", pa.list_(pa.float32()), nullable=False),
     ]

@@ -231,13 +231,41 @@ def fs_path(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def write_table(uri: str, table: Any, endpoint_override: str | None = None) -> None:
-    """Write one pyarrow Table as a Parquet file (parent directories created)."""
+def write_table(uri: str, table: Any, endpoint_override: str | None = None, row_group_size: int | None = None) -> None:
+    """Write one pyarrow Table as a Parquet file (parent directories created); ``row_group_size`` rows per row group
+    (pyarrow's default when None)."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri, endpoint_override)
     fs.create_dir(posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path), recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
+
+
+class ParquetStreamWriter:
+    """One Parquet file written a row group at a time (bounded memory); ``close`` finishes it. The file is created
+    at the first ``write`` (or at ``close``, empty, when nothing was written)."""
+
+    def __init__(self, uri: str, schema: Any, endpoint_override: str | None = None):
+        self.uri, self.schema, self.endpoint_override = uri, schema, endpoint_override
+        self._writer: Any = None
+        self._stream: Any = None
+
+    def write(self, table: Any) -> None:
+        """Append ``table`` (of ``schema``) as one row group."""
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            fs, path = filesystem(self.uri, self.endpoint_override)
+            fs.create_dir(posixpath.dirname(path) if is_s3(self.uri) else os.path.dirname(path), recursive=True)
+            self._stream = fs.open_output_stream(path)
+            self._writer = pq.ParquetWriter(self._stream, self.schema)
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def close(self) -> None:
+        if self._writer is None:
+            self.write(self.schema.empty_table())
+        self._writer.close()
+        self._stream.close()
 
 
 def read_parquet_dir(uri: str, endpoint_override: str | None = None, columns: list[str] | None = None) -> Any:
@@ -246,6 +274,55 @@ def read_parquet_dir(uri: str, endpoint_override: str | None = None, columns: li
 
     fs, path = filesystem(uri, endpoint_override)
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def iter_parquet_batches(uri: str, columns: list[str], batch_rows: int, endpoint_override: str | None = None):
+    """Every Parquet file under a directory or S3 prefix as record batches of at most ``batch_rows`` rows (memory
+    bounded by one row group and one batch)."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri, endpoint_override)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    yield from dataset.to_batches(columns=columns, batch_size=max(1, batch_rows), batch_readahead=0,
+                                  fragment_readahead=0)
+
+
+def read_parquet_ranges(uri: str, column: str, ranges: list[tuple[int, int]], columns: list[str] | None = None,
+                        endpoint_override: str | None = None) -> Any:
+    """The rows of every Parquet file under a directory or S3 prefix whose integer ``column`` lies in one of
+    ``ranges`` (``[lo, hi)`` pairs, disjoint), as one pyarrow Table in file order. Only the row groups whose
+    statistics of ``column`` overlap a range are read (a row group without statistics is always read)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri, endpoint_override)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    spans = sorted(ranges)
+    lo = np.array([a for a, _ in spans], dtype=np.int64)
+    hi = np.array([b for _, b in spans], dtype=np.int64)
+
+    def inside(values: np.ndarray) -> np.ndarray:  # [n] bool: values within a range
+        i = np.searchsorted(lo, values, side="right") - 1
+        return (i >= 0) & (values < hi[np.maximum(i, 0)])
+
+    pieces = []
+    for fragment in dataset.get_fragments():
+        groups = []
+        for group in fragment.row_groups:
+            stats = (group.statistics or {}).get(column)
+            if stats is None:
+                groups.append(group.id)
+                continue
+            i = np.searchsorted(lo, stats["max"], side="right") - 1  # last range starting at or before max
+            if i >= 0 and hi[i] > stats["min"]:
+                groups.append(group.id)
+        if groups:
+            table = fragment.subset(row_group_ids=groups).to_table(columns=columns)
+            pieces.append(table.filter(pa.array(inside(table[column].to_numpy()))) if spans else table.slice(0, 0))
+    if not pieces:
+        return dataset.schema.empty_table().select(columns) if columns else dataset.schema.empty_table()
+    return pa.concat_tables(pieces)
 
 
 def delete_dir(uri: str, endpoint_override: str | None = None) -> None:

@@ -145,8 +145,10 @@ def test_two_workers_write_every_label_version_with_each_image_exactly_once(run_
         values = np.asarray(table["latent_label"].to_pylist(), dtype=np.float32)
         assert values.shape == (N_TRAIN, len(CLASSES)) and (values > 0).all() and (values < 1).all()
     for r in range(1, EPOCHS + 1):  # each worker wrote its rows; the odd image out was carried by rank 0
-        parts = sorted(p.name for p in (out / "labels" / f"v{r:04d}").iterdir())
+        parts = sorted(p.name for p in (out / "labels" / f"v{r:04d}").iterdir() if p.suffix == ".parquet")
         assert parts == ["part-00000.parquet", "part-00001.parquet", "part-carry.parquet"]
+        assert json.loads((out / "labels" / f"v{r:04d}" / schema.LABEL_VERSION_COMPLETE_FILE).read_text()) == {
+            "version": r, "rows": N_TRAIN}
         per_part = [pq.read_table(out / "labels" / f"v{r:04d}" / p).num_rows for p in parts]
         assert per_part == [(N_TRAIN - 1) // 2, (N_TRAIN - 1) // 2, 1]
     assert not (out / "labels" / f"v{EPOCHS + 1:04d}").exists()

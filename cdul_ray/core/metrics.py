@@ -23,6 +23,13 @@ class MAPResult:
     ap: np.ndarray
     skipped: tuple[int, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_ap(cls, ap: np.ndarray) -> "MAPResult":
+        """The result of per-class APs computed in parts (ap: [C] in [0, 100], NaN for skipped classes)."""
+        evaluated = ap[~np.isnan(ap)]
+        return cls(map=float(evaluated.mean()) if evaluated.size else float("nan"), ap=ap,
+                   skipped=tuple(int(c) for c in np.flatnonzero(np.isnan(ap))))
+
 
 def multi_hot(gt_labels: Sequence[Sequence[int] | None], num_classes: int) -> np.ndarray:
     """Class-index lists to a multi-hot matrix.
@@ -65,12 +72,9 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> MAPResult
     targets = np.asarray(targets)
     if scores.ndim != 2 or scores.shape != targets.shape:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be [N, C]")
-    ap = np.full(scores.shape[1], np.nan)
-    skipped = []
+    ap = np.full(scores.shape[1], np.nan)  # NaN: skipped (no positive)
     for c in range(scores.shape[1]):
         if targets[:, c].sum() == 0:
-            skipped.append(c)
             continue
         ap[c] = 100.0 * average_precision_score(targets[:, c], scores[:, c])
-    evaluated = ap[~np.isnan(ap)]
-    return MAPResult(map=float(evaluated.mean()) if evaluated.size else float("nan"), ap=ap, skipped=tuple(skipped))
+    return MAPResult.from_ap(ap)

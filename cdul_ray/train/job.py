@@ -32,7 +32,7 @@ from cdul_ray.classifier import check_backbone, checkpoint_dirs, create_classifi
     resolve_backbone_weights
 from cdul_ray.config import ConfigError
 from cdul_ray.train.config import RESUME_MUTABLE, TrainConfig
-from cdul_ray.train.labels import label_table, read_history, version_uri
+from cdul_ray.train.labels import GroundTruth, read_history, write_initial_version
 from cdul_ray.train.worker import CRASH_ENV, WorkerInputs, train_worker
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class TrainingSet:
     image_ids: list[str]
     initial: np.ndarray  # (N, C) float32
     targets: np.ndarray | None  # (N, C) uint8
+    truth: GroundTruth | None  # the same ground truth as sparse label sets (what rank 0 measures the labels with)
     skipped: pa.Table  # ERRORS_SCHEMA rows of index images without a pseudo label
     gt: dict[str, list[int]]
 
@@ -179,12 +180,13 @@ def join_labels(index, classes: list[str], table: pa.Table, errors: pa.Table, cf
                         "row": pa.array(np.arange(len(keep), dtype=np.int64))})
     initial = values[[by_id[i] for i in image_ids]].astype(np.float32)
     targets = multi_hot([gts[i] for i in keep], c) if index.has_ground_truth else None
+    truth = GroundTruth.from_lists([gts[i] for i in keep], c) if index.has_ground_truth else None
     if cfg.supervision == "ground_truth":  # the fully supervised ceiling: the same images, their annotations
         if targets is None:
             raise ConfigError("supervision", f"split {cfg.split!r} of {cfg.dataset} has no ground truth to train on")
         initial = targets.astype(np.float32)
-    return TrainingSet(records=records, image_ids=image_ids, initial=initial, targets=targets,
-                        skipped=schema.errors_table(skipped_rows), gt={ids[i]: gts[i] for i in keep})
+    return TrainingSet(records=records, image_ids=image_ids, initial=initial, targets=targets, truth=truth,
+                       skipped=schema.errors_table(skipped_rows), gt={ids[i]: gts[i] for i in keep})
 
 
 def prepare_output(cfg: TrainConfig, endpoint: str | None) -> bool:
@@ -239,22 +241,42 @@ def latest_checkpoint(output: str, endpoint: str | None) -> tuple[int, str | Non
     return 0, None
 
 
-def image_dataset(records: pa.Table, cfg: TrainConfig, endpoint: str | None, cache: bool):
-    """Index rows -> Ray Dataset of decoded, resized images (materialised once when ``cache``)."""
+def image_dataset(records: pa.Table, cfg: TrainConfig, endpoint: str | None, cache: bool, labels: Any = None):
+    """Index rows -> Ray Dataset of decoded, resized images (materialised once when ``cache``), zipped with
+    ``labels`` (a :func:`~cdul_ray.train.label_source.latent_label_dataset`) when given.
+
+    Ray 2.60's zip holds both of its inputs in the object store before its first output. Decoded every epoch, the
+    index rows are zipped with the labels *before* decoding, so no decoded image waits in the zip; cached, the
+    materialised images are zipped with the labels each epoch.
+    """
     import ray.data
 
     step = max(cfg.decode_batch_size, -(-records.num_rows // 2000))  # at most 2000 input blocks
     ds = ray.data.from_arrow([records.slice(i, step) for i in range(0, records.num_rows, step)])
     ds.context.execution_options.preserve_order = True  # the cached blocks keep the (seeded) row order
+    if labels is not None and not cache:
+        ds = _zip(ds, labels).repartition(target_num_rows_per_block=cfg.decode_batch_size)
     ds = ds.map_batches(decode_resized, fn_kwargs={"image_size": cfg.image_size, "endpoint_override": endpoint},
                         batch_size=cfg.decode_batch_size, num_cpus=1)
     if cache:
         _wait_for_free_cpu()
         ds = ds.materialize()  # progress shown on the driver (bars on a TTY, periodic lines otherwise)
+        if labels is not None:
+            ds = _zip(ds, labels)
     # Consumed inside Ray Train (split coordinator, workers): their tqdm bars would be forwarded to the driver's
     # console as hundreds of redraws; the epoch lines of the training loop report progress instead.
     ds.context.enable_progress_bars = False
     return ds
+
+
+def _zip(left, right):
+    """``left.zip(right)`` without Ray 2.60's deprecation warning, which a user cannot act on (docs/architecture.md,
+    "Training data flow", says why zip and what replaces it before Ray 2.64)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*`Dataset.zip` is deprecated")
+        return left.zip(right)
 
 
 def _wait_for_free_cpu(timeout_s: float = 5.0) -> None:
@@ -332,13 +354,13 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
 
 
 def write_initial_state(plan: TrainingPlan) -> None:
-    """A fresh run: classes.json, labels/v0000 (Y0) and errors/labeling.parquet; then run_config.json, written last:
-    its presence marks a complete set-up that a resubmission can resume."""
+    """A fresh run: classes.json, labels/v0000 (Y0, with its ``row`` index and ``_complete.json``) and
+    errors/labeling.parquet; then run_config.json, written last: its presence marks a complete set-up that a
+    resubmission can resume."""
     cfg, endpoint, data = plan.cfg, plan.endpoint, plan.data
     if not plan.resume:
         storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": plan.classes}, endpoint)
-        storage.write_table(storage.join(version_uri(cfg.output, 0), schema.INITIAL_LABELS_FILE),
-                            label_table(data.image_ids, data.initial, 0), endpoint)
+        write_initial_version(cfg.output, data.image_ids, data.initial, endpoint)
         storage.write_table(storage.join(cfg.output, schema.ERRORS_DIR, schema.LABELING_ERRORS_FILE), data.skipped,
                             endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), cfg.to_dict(), endpoint)
@@ -362,6 +384,7 @@ def worker_inputs(plan: TrainingPlan, model_state: dict[str, torch.Tensor], meta
     import ray
 
     from cdul_ray.core.metrics import multi_hot
+    from cdul_ray.train.label_source import latent_label_dataset
 
     cfg, endpoint, data, eval_index = plan.cfg, plan.endpoint, plan.data, plan.eval_index
     cam_source = eval_index.records if eval_index is not None else data.records
@@ -369,7 +392,9 @@ def worker_inputs(plan: TrainingPlan, model_state: dict[str, torch.Tensor], meta
            for r in cam_source.slice(0, cfg.cam_images).to_pylist()]
     n_eval = len(eval_index) if eval_index is not None else 0
     cache = cache_decoded(cfg, len(data.image_ids) + n_eval)
-    datasets = {"train": image_dataset(data.records, cfg, endpoint, cache)}
+    # Each batch carries its images' latent labels, re-read from the newest complete version every epoch.
+    labels = latent_label_dataset(cfg.output, data.records.num_rows, len(plan.classes), endpoint)
+    datasets = {"train": image_dataset(data.records, cfg, endpoint, cache, labels)}
     eval_targets = None
     if eval_index is not None:
         eval_records = pa.table({"image_id": eval_index.records["image_id"], "uri": eval_index.records["uri"],
@@ -378,8 +403,8 @@ def worker_inputs(plan: TrainingPlan, model_state: dict[str, torch.Tensor], meta
         eval_targets = multi_hot(eval_index.records["gt_labels"].to_pylist(), len(plan.classes))
     crash = os.environ.get(CRASH_ENV)
     inputs = WorkerInputs(
-        cfg=cfg, classes=plan.classes, meta=meta, image_ids=ray.put(data.image_ids),
-        train_targets=ray.put(data.targets), eval_targets=ray.put(eval_targets),
+        cfg=cfg, classes=plan.classes, meta=meta, num_rows=data.records.num_rows, train_truth=ray.put(data.truth),
+        eval_targets=ray.put(eval_targets),
         init_state=ray.put({k: v.detach().clone() for k, v in model_state.items()}), has_eval=eval_index is not None,
         cam=cam, crash_after_epoch=int(crash) if crash else None,
     )
