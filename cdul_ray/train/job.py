@@ -2,7 +2,8 @@
 
 ``run_training`` checks everything it can before any Ray work (config, backbone and weights, the labeling run, the
 dataset splits and their image ids, the output directory), writes the initial label version ``labels/v0000`` and
-``run_config.json``, streams the decoded images through Ray Data into the workers and returns a
+``run_config.json``, streams the decoded images, zipped with their latent labels (re-read from the newest label
+version every epoch, :mod:`cdul_ray.train.label_source`), through Ray Data into the workers and returns a
 :class:`TrainSummary` (also ``summary.json``). The output layout is in :mod:`cdul_ray.schema`.
 
 Resume: every epoch ends with ``ray.train.report(metrics, checkpoint=...)``. Ray Train keeps a snapshot of the

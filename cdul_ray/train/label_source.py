@@ -28,6 +28,7 @@ import numpy as np
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from cdul_ray import schema
 from cdul_ray.train.labels import LABEL_READ_BYTES, label_values, newest_complete_version, read_version_range, \
     rows_per
 
@@ -73,7 +74,9 @@ class LatentLabelSource(Datasource):
         """
         found = newest_complete_version(self.output, self.endpoint_override)
         if found is None:
-            raise RuntimeError(f"no complete label version under {self.output}/labels")
+            raise RuntimeError(f"no complete label version ({schema.LABEL_VERSION_COMPLETE_FILE}) under "
+                               f"{self.output}/labels: a training run of an older cdul-ray cannot be resumed, pass "
+                               "--overwrite or another --output")
         version, rows = found
         if rows != self.num_rows:
             raise RuntimeError(f"label version {version} has {rows} rows, the training set {self.num_rows}")
