@@ -12,8 +12,8 @@ Rows, top to bottom (method.md §2-§6):
 mAP of rows 1-2 comes from a labeling run of the test split (``cdul label``); rows 3-5 from training runs
 (``cdul train``, ``eval_split`` = the test split). Inference images/s is measured here, in this process, on the
 same test images for every row: read + decode + the row's preprocessing + forward, batches of 32, all the cores
-of the machine, after one untimed warm-up batch; the best of three passes, the rows interleaved pass by pass. It is the cost of the method, not of the Ray pipeline around it
-(docs/performance.md measures that).
+of the machine, after one untimed warm-up batch; the best of three passes, the rows interleaved pass by pass. It is
+the cost of the method, not of the Ray pipeline around it (docs/performance.md measures that).
 """
 
 from __future__ import annotations
