@@ -177,11 +177,16 @@ def test_default_job_scales_gpu_workers_up_and_back_down(autoscaling_head, coco_
             "~/ray_bootstrap_config.yaml) -> GPU actors (1 GPU each), pool 1..2") in decided[0], decided
 
     # the CLIP actors asked for one GPU each and ran on GPU worker nodes the autoscaler added (the head has none)
+    # (an actor the pool added last may still wait for its GPU node when the job ends: it is killed unplaced, DEAD
+    # with no node, and never ran anywhere)
     actors = _probe(env, ACTORS)
-    assert actors, "no ClipScorer actor recorded"
+    placed = [a for a in actors if a["node"] is not None]
+    assert placed, f"no ClipScorer actor was placed: {actors}"
     for a in actors:
-        assert a["required"].get("GPU") == 1, a
-        assert a["node_gpus"] == 1, a
+        assert a["required"].get("GPU") == 1, actors
+    for a in placed:
+        assert a["node_gpus"] == 1, actors
+    assert all(a["state"] == "DEAD" for a in actors if a["node"] is None), actors
 
     # the right rows: every readable image labeled once, the corrupt and missing ones as error rows
     labels = pq.read_table(out / schema.LABELS_DIR)
