@@ -91,6 +91,26 @@ def ray_train(cfg: TrainConfig) -> dict:
     return {"wall_s": wall, "epoch_s": [float(r["seconds"]) for r in history if int(r["epoch"]) > 0]}
 
 
+def train_worker_threads(cpus_per_worker: float) -> dict:
+    """What a Ray Train worker of the product's shape (1 worker, ``resources_per_worker={"CPU": cpus}``) runs with:
+    ``torch.get_num_threads()`` and ``OMP_NUM_THREADS`` inside the worker."""
+    import os
+    import tempfile
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def probe(_config):
+        ray.train.report({"torch_threads": torch.get_num_threads(),
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")})
+
+    trainer = TorchTrainer(probe, scaling_config=ray.train.ScalingConfig(
+        num_workers=1, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="thread-probe-")))
+    metrics = trainer.fit().metrics
+    return {"torch_threads": metrics["torch_threads"], "omp_num_threads": metrics["omp_num_threads"]}
+
+
 def steady(seconds: list[float]) -> float:
     return statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
@@ -119,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                        batch_size=args.batch_size, lr=args.lr, limit=args.limit, cam_images=0, cache_decoded="true",
                        overwrite=True)
     results: dict[str, dict] = {}
+    worker_threads = train_worker_threads(base.cpus_per_worker)
     for update in (False, True):
         name = "update" if update else "fixed"
         cfg = replace(base, label_update=update, output=storage.join(args.output, f"plain-{name}"))
@@ -140,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['ray-' + name] / s['plain-' + name]:.2f} | {results['ray-' + name]['wall_s']:.1f} |")
     print(f"\nlabel-update epochs / fixed epochs: plain {s['plain-update'] / s['plain-fixed']:.3f}, "
           f"Ray Train {s['ray-update'] / s['ray-fixed']:.3f}")
-    print(json.dumps({"args": vars(args), "results": results, "steady_epoch_s": s}))
+    print(f"plain loop: {args.threads} torch threads; Ray Train worker ({base.cpus_per_worker:g} CPU): "
+          f"{worker_threads['torch_threads']} torch threads, OMP_NUM_THREADS={worker_threads['omp_num_threads']}")
+    print(json.dumps({"args": vars(args), "results": results, "steady_epoch_s": s,
+                      "train_worker_threads": worker_threads}))
     return 0
 
 

@@ -217,6 +217,31 @@ LABEL_DEFINING_FIELDS = ("model", "pretrained", "classes", "templates", "grid", 
                          "precision")
 
 
+# The views a run's labels were computed from, once ``--views auto`` is resolved (exact on CPU actors, device on GPU
+# actors): recorded in run_config.json and, like LABEL_DEFINING_FIELDS, never mixed in one output.
+VIEWS_USED = "views_used"
+
+
+def _check_views_used(cfg: LabelConfig, views: str, endpoint: str | None) -> None:
+    """Refuse to add labels computed from ``views`` to an output whose labels came from the other kind of views.
+
+    Device-cut views differ from open_clip's exact PIL views by up to ~0.07 in a score (docs/performance.md), so a
+    run started on CPU actors and resumed on GPU actors with ``--views auto`` would mix two label sets. Checked once
+    the actor pool is decided (``auto`` depends on it), before any actor starts.
+
+    Raises:
+        OutputExistsError: the output's run used the other views; the message names ``--views`` and the value that
+            resumes it.
+    """
+    path = storage.join(cfg.output, schema.RUN_CONFIG_FILE)
+    previous = storage.read_json(path, endpoint).get(VIEWS_USED) if storage.exists(path, endpoint) else None
+    if previous and previous != views:
+        raise OutputExistsError(
+            f"{cfg.output} holds labels computed from {previous} views, and this run would use {views} views "
+            f"(--views {cfg.views}{' on GPU actors' if views == 'device' else ' on CPU actors'}). Mixing the two "
+            f"would corrupt the output: pass --views {previous} to resume it, another --output, or --overwrite")
+
+
 @dataclass(frozen=True)
 class LabelSummary:
     """What a labeling run did.
@@ -297,10 +322,12 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     if not ray.is_initialized():
         ray.init()
     use_gpu, min_actors, max_actors = actor_pool(cfg)
+    views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
+    _check_views_used(cfg, views, endpoint)
+    run_config[VIEWS_USED] = views
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
     decode = Stage(decode_views, cfg.decode_batch_size,
                    {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint, "views": views},
                    num_cpus=decode_cpus(cfg.cpus_per_actor))

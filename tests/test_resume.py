@@ -103,7 +103,12 @@ def test_different_label_defining_config_is_refused_by_name(ray_cluster, corpus,
     other_classes.write_text("cat\ndog\n")
     with pytest.raises(OutputExistsError, match="different classes"):
         run_labeling(_cfg(folder, out, tiny_clip, other_classes, limit=2))
+    # --views auto became exact views on these CPU actors; device views (what auto gives GPU actors) are refused
+    assert json.loads((out / schema.RUN_CONFIG_FILE).read_text())["views_used"] == "exact"
+    with pytest.raises(OutputExistsError, match=r"computed from exact views.*pass --views exact to resume"):
+        run_labeling(_cfg(folder, out, tiny_clip, classes, limit=3, views="device"))
     assert sorted(p.name for p in (out / schema.LABELS_DIR).iterdir()) == before  # nothing touched
+    assert json.loads((out / schema.RUN_CONFIG_FILE).read_text())["views_used"] == "exact"
     # --overwrite is the explicit fresh start
     summary = run_labeling(_cfg(folder, out, tiny_clip, classes, limit=2, grid=2, overwrite=True))
     assert (summary.already_done, summary.labeled, summary.errors) == (0, 1, 1)  # limit 2: broken.jpg, img_000.jpg
