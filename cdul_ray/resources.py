@@ -87,12 +87,7 @@ def plan_actor_pool(use_gpu: str, min_actors: int, max_actors: int | None, capac
         ConfigError: ``use_gpu`` is ``"true"`` but the autoscaler config says the cluster can never have a GPU
             (the actors would wait forever).
     """
-    addable = capacity.addable
-    has_gpus = capacity.now > 0 or addable is None or addable > 0
-    gpu = {"true": True, "false": False}.get(use_gpu, has_gpus)
-    if gpu and not has_gpus and capacity.source != NO_CONFIG:
-        raise ConfigError("use_gpu", f"is true but the cluster has no GPU and its autoscaler config "
-                                     f"({capacity.source}) has no node type with GPUs; use --use-gpu false or auto")
+    gpu, found = _gpu_choice(use_gpu, capacity)
     if gpu:
         default_max = None if capacity.max is None else max(capacity.max, capacity.now, 1)
     else:
@@ -102,12 +97,6 @@ def plan_actor_pool(use_gpu: str, min_actors: int, max_actors: int | None, capac
     else:
         pool_max = None if default_max is None else max(default_max, min_actors)
 
-    types = f"node type {', '.join(capacity.gpu_node_types)}, " if capacity.gpu_node_types else ""
-    if capacity.source == NO_CONFIG:
-        found = f"{capacity.now} GPUs now, no autoscaler config found"
-    else:
-        up_to = "no upper bound" if addable is None else f"up to {addable}"
-        found = f"{capacity.now} GPUs now, {up_to} addable by the autoscaler ({types}from {capacity.source})"
     kind = "GPU actors (1 GPU each)" if gpu else "CPU actors"
     bounds = f"pool {min_actors}..{'unbounded' if pool_max is None else pool_max}"
     why = "" if max_actors is None else ", --max-actors"
@@ -117,6 +106,44 @@ def plan_actor_pool(use_gpu: str, min_actors: int, max_actors: int | None, capac
         reason += ("; the actors start once GPU nodes join (none may: no autoscaler config found)" if warn
                    else "; the actors wait for the autoscaler to start GPU nodes")
     return ActorPoolPlan(use_gpu=gpu, min_actors=min_actors, max_actors=pool_max, reason=reason, warn=warn)
+
+
+def plan_train_workers(use_gpu: str, workers: int, capacity: GpuCapacity) -> tuple[bool, str]:
+    """(one GPU per Ray Train worker, the reason logged) for ``--use-gpu`` auto/true/false and ``--workers``.
+
+    ``auto`` trains on GPUs when the cluster has GPUs now or its autoscaler can add some (the rule of
+    :func:`plan_actor_pool`); Ray Train's worker group then waits for the autoscaler to start the GPU nodes.
+
+    Raises:
+        ConfigError: ``use_gpu`` is true but the autoscaler config says the cluster can never have a GPU, or
+            ``workers`` exceeds the most GPUs the cluster can have (the worker group would wait forever).
+    """
+    gpu, found = _gpu_choice(use_gpu, capacity)
+    if gpu and capacity.source != NO_CONFIG and capacity.max is not None and workers > max(capacity.max, 1):
+        raise ConfigError("workers", f"is {workers}, but each training worker takes one GPU and the cluster can have "
+                                     f"at most {capacity.max} ({found}); use --workers {max(capacity.max, 1)}")
+    what = f"{workers} training worker(s), 1 GPU each" if gpu else f"{workers} training worker(s) on CPUs"
+    reason = f"use_gpu={use_gpu}: {found} -> {what}"
+    if gpu and capacity.now == 0:
+        reason += "; they start once GPU nodes join"
+    return gpu, reason
+
+
+def _gpu_choice(use_gpu: str, capacity: GpuCapacity) -> tuple[bool, str]:
+    """(use GPUs, what was found, in words) for ``use_gpu`` auto/true/false; raises ConfigError as its callers say."""
+    addable = capacity.addable
+    has_gpus = capacity.now > 0 or addable is None or addable > 0
+    gpu = {"true": True, "false": False}.get(use_gpu, has_gpus)
+    if gpu and not has_gpus and capacity.source != NO_CONFIG:
+        raise ConfigError("use_gpu", f"is true but the cluster has no GPU and its autoscaler config "
+                                     f"({capacity.source}) has no node type with GPUs; use --use-gpu false or auto")
+    types = f"node type {', '.join(capacity.gpu_node_types)}, " if capacity.gpu_node_types else ""
+    if capacity.source == NO_CONFIG:
+        found = f"{capacity.now} GPUs now, no autoscaler config found"
+    else:
+        up_to = "no upper bound" if addable is None else f"up to {addable}"
+        found = f"{capacity.now} GPUs now, {up_to} addable by the autoscaler ({types}from {capacity.source})"
+    return gpu, found
 
 
 def gpu_capacity(bootstrap_config: str = BOOTSTRAP_CONFIG) -> GpuCapacity:

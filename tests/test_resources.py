@@ -9,7 +9,7 @@ import yaml
 
 from cdul_ray.config import ConfigError
 from cdul_ray.resources import NO_CONFIG, GpuCapacity, capacity_from_cluster_config, cluster_config_from_file, \
-    gpu_capacity, plan_actor_pool
+    gpu_capacity, plan_actor_pool, plan_train_workers
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT = "~/ray_bootstrap_config.yaml"
@@ -121,6 +121,25 @@ def test_use_gpu_true_without_any_gpu_fails_fast_when_the_config_is_known():
     # no config known (a manually started cluster): GPU nodes may still join, so only a warning
     plan = plan_actor_pool("true", 1, None, GpuCapacity(now=0, max=0, source=NO_CONFIG))
     assert plan.use_gpu and plan.warn and plan.max_actors == 1
+
+
+def test_training_workers_take_gpus_the_autoscaler_can_add():
+    cluster_yaml = GpuCapacity(now=0, max=8, source=BOOT, gpu_node_types=("worker.gpu",))
+    gpu, reason = plan_train_workers("auto", 4, cluster_yaml)
+    assert gpu and reason == ("use_gpu=auto: 0 GPUs now, up to 8 addable by the autoscaler (node type worker.gpu, "
+                              "from ~/ray_bootstrap_config.yaml) -> 4 training worker(s), 1 GPU each; they start "
+                              "once GPU nodes join")
+    assert plan_train_workers("auto", 1, GpuCapacity(now=0, max=0, source=NO_CONFIG)) == (
+        False, "use_gpu=auto: 0 GPUs now, no autoscaler config found -> 1 training worker(s) on CPUs")
+    assert plan_train_workers("auto", 2, GpuCapacity(now=2, max=2, source=NO_CONFIG))[0]  # a fixed GPU machine
+    assert not plan_train_workers("false", 2, cluster_yaml)[0]
+    # more GPU workers than the cluster can ever have: the worker group would wait forever
+    with pytest.raises(ConfigError, match="use --workers 8") as err:
+        plan_train_workers("auto", 9, cluster_yaml)
+    assert err.value.field == "workers"
+    with pytest.raises(ConfigError) as err:
+        plan_train_workers("true", 1, GpuCapacity(now=0, max=0, source=BOOT))
+    assert err.value.field == "use_gpu"
 
 
 @pytest.mark.slow

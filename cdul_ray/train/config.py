@@ -57,8 +57,9 @@ class TrainConfig:
     label_warmup_epochs: int = option(1, "epochs of network-only training before the first label update")
     psi: str = option("one", "psi(Y) of the label step: one (psi = 1) or sigmoid_grad (psi = Y(1 - Y))")
     hflip: bool = option(True, "random horizontal flips of training images (seeded per image and epoch)")
-    workers: int = option(1, "data-parallel training workers (one GPU each with --use-gpu)")
-    use_gpu: str = gpu_option("false", "one GPU per worker: true, false, or auto (when the cluster has GPUs)")
+    workers: int = option(1, "data-parallel training workers (one GPU each when training on GPUs)")
+    use_gpu: str = gpu_option("auto", "one GPU per worker: auto (when the cluster has GPUs now or its autoscaler "
+                                      "can add some), true or false")
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker")
     decode_batch_size: int = option(16, "images per CPU decode/resize task")
     cache_decoded: str = option("auto", "decode + resize once and keep the uint8 images in the Ray object store instead "

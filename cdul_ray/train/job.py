@@ -32,6 +32,7 @@ from cdul_ray.batch_inference import OutputExistsError
 from cdul_ray.classifier import check_backbone, checkpoint_dirs, create_classifier, decode_resized, normalisation, \
     resolve_backbone_weights
 from cdul_ray.config import ConfigError
+from cdul_ray.resources import gpu_capacity, plan_train_workers
 from cdul_ray.train.config import RESUME_MUTABLE, TrainConfig
 from cdul_ray.train.labels import GroundTruth, read_history, write_initial_version
 from cdul_ray.train.worker import CRASH_ENV, WorkerInputs, train_worker
@@ -465,9 +466,10 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
 
     if not ray.is_initialized():
         ray.init()
-    if cfg.use_gpu == "auto":  # resolved once here: every worker sees true or false
-        gpus = ray.cluster_resources().get("GPU", 0)
-        plan.cfg = cfg = dataclasses.replace(cfg, use_gpu="true" if gpus else "false")
+    if cfg.use_gpu != "false":  # resolved once here, GPUs the autoscaler can add included: workers see true/false
+        gpu, reason = plan_train_workers(cfg.use_gpu, cfg.workers, gpu_capacity())
+        logger.info("%s", reason)
+        plan.cfg = cfg = dataclasses.replace(cfg, use_gpu="true" if gpu else "false")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1 and not storage.is_s3(cfg.output):
         logger.warning("%d-node cluster but output %s is a local path: every worker writes label versions and rank 0 "
