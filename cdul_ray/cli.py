@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -184,6 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the output files committed so far are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # storage unreachable or denied mid-run (S3 network, permissions): one line, not a traceback
+        if os.environ.get("CDUL_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {storage.redact(str(e))}\n(storage or network failure; committed output "
+              "is kept and the same command resumes; CDUL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------------------------------------------------

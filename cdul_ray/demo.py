@@ -195,7 +195,8 @@ def _table2(cfg: DemoConfig, train_summary: Any, steps: int) -> tuple[list[Any],
         runs.append(summary.output)
     uris = sorted(storage.read_parquet_dir(storage.join(test.output, schema.LABELS_DIR), None,
                                            columns=["uri"])["uri"].to_pylist())[:THROUGHPUT_IMAGES + table2.BATCH]
-    _step(6, steps, f"timing inference of each row on {len(uris)} test images (this process, all cores, best of 3)")
+    _step(6, steps, f"timing inference of each row on {len(uris) - table2.BATCH} test images after a "
+                    f"{table2.BATCH}-image warm-up (this process, all cores, best of 3)")
     global_step, cdul_step = table2.clip_steps(test.output)
     timed = {"global": global_step, "cdul": cdul_step}
     timed.update({run: table2.classifier_step(storage.join(run, schema.MODEL_DIR)) for run in runs})

@@ -310,12 +310,19 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         generate(cfg.dataset, seed=0, counts={"train": cfg.limit or 8, "val": 0, "test": 0})
     endpoint = cfg.s3_endpoint or storage.s3_endpoint_from_env()
     cfg = dataclasses.replace(cfg, s3_endpoint=endpoint)
-    index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit)
+    index = load_dataset(cfg.dataset, cfg.format, cfg.split, cfg.classes_file, endpoint, cfg.limit).excluding(
+        cfg.output)  # an output inside a folder dataset: its report PNGs are not images to label
     classes = list(index.classes)
     run_config = {"kind": "label", **cfg.to_dict(), "classes": classes}
     # before resolving weights: a hub download can take minutes
+    fresh_output = not storage.exists(cfg.output, endpoint)
     prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, LABEL_DEFINING_FIELDS, "label")
-    spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
+    try:
+        spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
+    except Exception:
+        if fresh_output:  # a failed check leaves no empty output directory behind
+            storage.delete_dir_if_empty(cfg.output, endpoint)
+        raise
     n_images = index.records.num_rows
     logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(classes), cfg.model, cfg.pretrained, spec.kind)
 

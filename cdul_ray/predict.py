@@ -173,7 +173,7 @@ def _index(cfg: PredictConfig, classes: list[str], endpoint: str | None):
     """The dataset indexed with the classifier's classes as vocabulary (ground truth, if any, remapped by name)."""
     from cdul_ray.datasets import load_dataset
 
-    return load_dataset(cfg.dataset, cfg.format, cfg.split, classes, endpoint, cfg.limit)
+    return load_dataset(cfg.dataset, cfg.format, cfg.split, classes, endpoint, cfg.limit).excluding(cfg.output)
 
 
 def _map(predictions: pa.Table, records: pa.Table, num_classes: int) -> float | None:

@@ -84,7 +84,7 @@ def dataset_error(message: str) -> ValueError:
 def require_exists(uri: str, endpoint_override: str | None) -> None:
     """Raises FileNotFoundError (naming ``uri``) when the dataset path does not exist."""
     if not storage.exists(uri, endpoint_override):
-        raise FileNotFoundError(f"Dataset path {uri} does not exist")
+        raise FileNotFoundError(f"--dataset (config field `dataset`): {uri} does not exist")
 
 
 def list_children(uri: str, endpoint_override: str | None, missing_ok: bool = False) -> dict[str, pafs.FileType]:
@@ -97,9 +97,9 @@ def list_children(uri: str, endpoint_override: str | None, missing_ok: bool = Fa
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=missing_ok))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"Dataset path {uri} does not exist") from e
+        raise FileNotFoundError(f"--dataset (config field `dataset`): {uri} does not exist") from e
     except NotADirectoryError as e:  # a plain file: no children
-        raise FileNotFoundError(f"Dataset path {uri} is not a directory") from e
+        raise FileNotFoundError(f"--dataset (config field `dataset`): {uri} is not a directory") from e
     return {info.base_name: info.type for info in infos}
 
 

@@ -99,7 +99,7 @@ def plan_actor_pool(use_gpu: str, min_actors: int, max_actors: int | None, capac
 
     kind = "GPU actors (1 GPU each)" if gpu else "CPU actors"
     bounds = f"pool {min_actors}..{'unbounded' if pool_max is None else pool_max}"
-    why = "" if max_actors is None else ", --max-actors"
+    why = "" if max_actors is None else f" (--max-actors {max_actors})"
     reason = f"use_gpu={use_gpu}: {found} -> {kind}, {bounds}{why}"
     warn = gpu and capacity.now == 0 and capacity.source == NO_CONFIG
     if gpu and capacity.now == 0:

@@ -332,6 +332,14 @@ def delete_dir(uri: str, endpoint_override: str | None = None) -> None:
         fs.delete_dir(path)
 
 
+def delete_dir_if_empty(uri: str, endpoint_override: str | None = None) -> None:
+    """Delete the directory or S3 prefix ``uri`` only when it holds nothing (no error when it is absent)."""
+    fs, path = filesystem(uri, endpoint_override)
+    if fs.get_file_info(path).type == pafs.FileType.Directory and not fs.get_file_info(
+            pafs.FileSelector(path, allow_not_found=True)):
+        fs.delete_dir(path)
+
+
 def list_dirs(uri: str, endpoint_override: str | None = None) -> list[str]:
     """Names of the direct subdirectories of a directory or S3 prefix, sorted ([] when it does not exist)."""
     fs, path = filesystem(uri, endpoint_override)

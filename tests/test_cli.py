@@ -36,6 +36,7 @@ def test_missing_weights_name_the_model_and_what_was_tried(coco_dataset, tmp_pat
     assert proc.returncode == 2
     assert "'RN50'" in proc.stderr and "nope.safetensors" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "o").exists()  # the failed check left no empty output directory behind
 
 
 def test_hub_tag_offline_fails_fast(coco_dataset, tmp_path):
@@ -282,3 +283,21 @@ def test_label_your_own_folder_offline(ray_cluster, coco_dataset, tmp_path, caps
     assert f"report         {out / 'report' / 'report.md'}" in printed
     assert sorted(p.name for p in (out / "report").iterdir()) == ["report.md", "scenes.png", "soft_label_hist.png",
                                                                   "thresholds.json"]
+
+
+@pytest.mark.parametrize("raised,code,says", [
+    (KeyboardInterrupt(), 130, "interrupted: the output files committed so far are kept; run the same command again"),
+    (OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: Could not resolve host: bucket.s3"), 1,
+     "error: OSError: AWS Error NETWORK_CONNECTION"),
+])
+def test_interrupt_and_storage_failure_end_in_one_message_not_a_traceback(monkeypatch, capsys, raised, code, says):
+    from cdul_ray import cli
+
+    def label(_args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_label", label)  # the command itself, not storage: what happens around it is tested
+    monkeypatch.delenv("CDUL_TRACEBACK", raising=False)
+    assert cli.main(["label", "--dataset", "d", "--output", "o"]) == code
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

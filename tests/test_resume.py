@@ -66,6 +66,23 @@ def test_folder_without_ground_truth_one_row_per_readable_image(ray_cluster, cor
     assert json.loads((out / schema.SUMMARY_FILE).read_text())["labeled_total"] == 11
 
 
+def test_output_inside_the_folder_dataset_is_not_labeled_on_the_next_run(ray_cluster, corpus, tiny_clip, capsys):
+    from cdul_ray.cli import main
+
+    folder, classes = corpus
+    out = folder / "runs" / "first"  # the report's PNGs land under the dataset folder
+    argv = ["label", "--format", "folder", "--dataset", str(folder), "--classes-file", str(classes), "--output",
+            str(out), "--model", f"local-dir:{tiny_clip}", "--pretrained", "none", "--batch-size", "4",
+            "--max-actors", "1"]
+    assert main(argv) == 0
+    assert sorted((out / "report").glob("*.png"))  # images that a naive folder listing would pick up
+    assert main(argv) == 0
+    console = capsys.readouterr().out
+    assert "already done   12" in console and "labeled now    0" in console, console[-2000:]
+    ids = output_ids(out, schema.LABELS_DIR) + output_ids(out, schema.ERRORS_DIR)
+    assert sorted(ids) == sorted([f"img_{i:03d}.jpg" for i in range(10)] + ["trip/beach 1.jpg", "broken.jpg"])
+
+
 def test_incremental_run_labels_only_new_images(ray_cluster, corpus, tiny_clip, tmp_path):
     folder, classes = corpus
     out = tmp_path / "out"
