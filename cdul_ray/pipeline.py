@@ -285,6 +285,21 @@ class LabelSummary:
         return "\n".join(lines)
 
 
+def _prepare_output_and_weights(cfg: LabelConfig, endpoint: str | None, run_config: dict[str, Any]) -> Any:
+    """The output checked (before the weights: a hub download can take minutes), then the weights resolved; a
+    failed check leaves no empty output directory behind. Returns the ``WeightsSpec``."""
+    from cdul_ray.clip import resolve_weights
+
+    fresh_output = not storage.exists(cfg.output, endpoint)
+    prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, LABEL_DEFINING_FIELDS, "label")
+    try:
+        return resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
+    except Exception:
+        if fresh_output:
+            storage.delete_dir_if_empty(cfg.output, endpoint)
+        raise
+
+
 def run_labeling(cfg: LabelConfig) -> LabelSummary:
     """Label every image of a dataset with CDUL soft pseudo labels (method.md §1-§5) and evaluate them.
 
@@ -298,7 +313,6 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     """
     import ray
 
-    from cdul_ray.clip import resolve_weights
     from cdul_ray.datasets import load_dataset
     from cdul_ray.evaluate import evaluate_labels
 
@@ -314,15 +328,7 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         cfg.output)  # an output inside a folder dataset: its report PNGs are not images to label
     classes = list(index.classes)
     run_config = {"kind": "label", **cfg.to_dict(), "classes": classes}
-    # before resolving weights: a hub download can take minutes
-    fresh_output = not storage.exists(cfg.output, endpoint)
-    prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, LABEL_DEFINING_FIELDS, "label")
-    try:
-        spec = resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
-    except Exception:
-        if fresh_output:  # a failed check leaves no empty output directory behind
-            storage.delete_dir_if_empty(cfg.output, endpoint)
-        raise
+    spec = _prepare_output_and_weights(cfg, endpoint, run_config)
     n_images = index.records.num_rows
     logger.info("%d images, %d classes, model %s/%s (%s)", n_images, len(classes), cfg.model, cfg.pretrained, spec.kind)
 
