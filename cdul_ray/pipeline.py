@@ -290,7 +290,10 @@ def _prepare_output_and_weights(cfg: LabelConfig, endpoint: str | None, run_conf
     failed check leaves no empty output directory behind. Returns the ``WeightsSpec``."""
     from cdul_ray.clip import resolve_weights
 
-    fresh_output = not storage.exists(cfg.output, endpoint)
+    try:
+        fresh_output = not storage.exists(cfg.output, endpoint)
+    except OSError:  # denied or unreachable: prepare_output raises the ConfigError that names the storage's reason
+        fresh_output = False
     prepare_output(cfg.output, endpoint, cfg.overwrite, run_config, LABEL_DEFINING_FIELDS, "label")
     try:
         return resolve_weights(cfg.model, cfg.pretrained, endpoint_override=endpoint)
