@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.grids:
         run("grid", k, grid=k)
     for a in args.actors:
-        run("actors", a, max_actors=a, min_actors=a)
+        # 0.5 CPU per actor beyond one: 2 actors of 1 CPU on a 2-CPU machine leave the decode tasks no CPU (refused)
+        run("actors", a, max_actors=a, min_actors=a, cpus_per_actor=1.0 if a == 1 else 0.5)
     for b in args.batch_sizes:
         run("batch_size", b, batch_size=b)
 

@@ -249,9 +249,39 @@ def actor_pool(cfg: Any) -> tuple[bool, int, int | None]:
     Raises:
         ConfigError: ``use_gpu`` is true on a cluster whose autoscaler config has no GPU node type.
     """
-    plan = plan_actor_pool(cfg.use_gpu, cfg.min_actors, cfg.max_actors, gpu_capacity())
+    import ray
+
+    capacity = gpu_capacity()
+    plan = plan_actor_pool(cfg.use_gpu, cfg.min_actors, cfg.max_actors, capacity)
     logger.log(logging.WARNING if plan.warn else logging.INFO, "%s", plan.reason)
-    return plan.use_gpu, plan.min_actors, plan.max_actors
+    max_actors = plan.max_actors
+    if not plan.use_gpu and capacity.source == NO_CONFIG:  # a fixed cluster: its CPUs now are all it will have
+        max_actors = fit_cpu_pool(plan.min_actors, plan.max_actors, cfg.cpus_per_actor,
+                                  ray.cluster_resources().get("CPU", 0))
+    return plan.use_gpu, plan.min_actors, max_actors
+
+
+def fit_cpu_pool(min_actors: int, max_actors: int | None, cpus_per_actor: float, cluster_cpus: float) -> int:
+    """The most CPU actors that still leave the CPUs of one decode task free; without them no image is decoded and
+    the job waits forever (measured: 2 actors of 1 CPU on a 2-CPU machine never labeled an image).
+
+    Returns ``max_actors`` capped to that room (logged when capped).
+
+    Raises:
+        ConfigError: (field ``min_actors``) even ``min_actors`` leave no room.
+    """
+    decode = decode_cpus(cpus_per_actor)
+    room = int((cluster_cpus - decode) // cpus_per_actor)
+    if min_actors > room:
+        raise ConfigError("min_actors", f"is {min_actors}, but {min_actors} CPU actors of {cpus_per_actor:g} CPU "
+                                        f"leave no {decode:g} CPU for the decode tasks on this {cluster_cpus:g}-CPU "
+                                        f"cluster, so no image would ever be decoded; use at most {max(room, 0)} (or "
+                                        "lower --cpus-per-actor)")
+    if max_actors is None or max_actors > room:
+        logger.info("CPU actor pool capped at %d: %g CPUs, %g per actor, %g kept for decode tasks", room,
+                    cluster_cpus, cpus_per_actor, decode)
+        return room
+    return max_actors
 
 
 def decode_cpus(cpus_per_actor: float) -> float:

@@ -9,7 +9,7 @@ import yaml
 
 from cdul_ray.config import ConfigError
 from cdul_ray.resources import NO_CONFIG, GpuCapacity, capacity_from_cluster_config, cluster_config_from_file, \
-    gpu_capacity, plan_actor_pool, plan_train_workers
+    fit_cpu_pool, gpu_capacity, plan_actor_pool, plan_train_workers
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT = "~/ray_bootstrap_config.yaml"
@@ -121,6 +121,18 @@ def test_use_gpu_true_without_any_gpu_fails_fast_when_the_config_is_known():
     # no config known (a manually started cluster): GPU nodes may still join, so only a warning
     plan = plan_actor_pool("true", 1, None, GpuCapacity(now=0, max=0, source=NO_CONFIG))
     assert plan.use_gpu and plan.warn and plan.max_actors == 1
+
+
+def test_cpu_actors_leave_room_for_the_decode_tasks():
+    # 2 CPUs: one 1-CPU actor leaves 1 CPU for 0.5-CPU decode tasks; two would leave none (the job would hang)
+    assert fit_cpu_pool(1, 1, 1.0, 2) == 1
+    assert fit_cpu_pool(1, 2, 1.0, 2) == 1
+    assert fit_cpu_pool(1, None, 1.0, 2) == 1
+    assert fit_cpu_pool(2, 3, 1.0, 4) == 3  # 3 CPUs of actors + 0.5 for decoding fit in 4
+    assert fit_cpu_pool(2, 2, 0.5, 2) == 2  # 0.5-CPU actors leave 0.25-CPU decode tasks room
+    with pytest.raises(ConfigError, match="use at most 1") as err:
+        fit_cpu_pool(2, 2, 1.0, 2)
+    assert err.value.field == "min_actors"
 
 
 def test_training_workers_take_gpus_the_autoscaler_can_add():
