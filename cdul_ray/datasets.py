@@ -23,13 +23,13 @@ helpers they share live in :mod:`cdul_ray.readers`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-import dataclasses
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -231,7 +231,8 @@ def _check_vocabulary(classes: Sequence[str], source: str) -> tuple[str, ...]:
         raise ValueError(f"The class vocabulary {source} (`classes_file`) lists no class")
     dupes = sorted(name for name, n in Counter(_name_key(c) for c in classes).items() if n > 1)
     if dupes:
-        raise ValueError(f"The class vocabulary {source} (--classes-file, config field `classes_file`) lists these classes more than once: {dupes}")
+        raise ValueError(f"The class vocabulary {source} (--classes-file, config field `classes_file`) lists these "
+                         f"classes more than once: {dupes}")
     return tuple(classes)
 
 
@@ -278,7 +279,8 @@ def _read_folder(uri: str, endpoint_override: str | None, vocabulary: tuple[str,
     require_exists(root, endpoint_override)
     if vocabulary is None:
         raise ValueError(
-            f"The folder dataset {root} has no class list: pass --classes-file (config field `classes_file`: a text file, one class per line)"
+            f"The folder dataset {root} has no class list: pass --classes-file (config field `classes_file`: a text "
+            "file, one class per line)"
         )
     uris = storage.list_files(root, IMAGE_SUFFIXES, endpoint_override)
     if not uris:
@@ -324,7 +326,8 @@ def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[st
         if classes is None:
             classes = tuple(sorted({n for row in names for n in row}))
             if not classes:
-                raise ValueError(f"Manifest {manifest} has an empty `labels` column: pass --classes-file (config field `classes_file`)")
+                raise ValueError(f"Manifest {manifest} has an empty `labels` column: pass --classes-file (config "
+                                 "field `classes_file`)")
             gt = [sorted({classes.index(n) for n in row}) for row in names]
         else:
             # Remap by name now; `load_dataset` sees classes == vocabulary and does not remap again.
@@ -332,7 +335,8 @@ def _read_manifest(uri: str, endpoint_override: str | None, vocabulary: tuple[st
             union_index = {n: i for i, n in enumerate(union)}
             gt = _remap([[union_index[n] for n in row] for row in names], union, classes, source=manifest)
     elif classes is None:
-        raise ValueError(f"Manifest {manifest} has no `labels` column, so no class list: pass --classes-file (config field `classes_file`)")
+        raise ValueError(f"Manifest {manifest} has no `labels` column, so no class list: pass --classes-file "
+                         "(config field `classes_file`)")
     return RawIndex(image_ids=image_ids, uris=uris, gt=gt, classes=classes, root=manifest)
 
 
