@@ -100,15 +100,19 @@ def train_worker_threads(cpus_per_worker: float) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    def probe(_config):
-        ray.train.report({"torch_threads": torch.get_num_threads(),
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")})
+    def probe(config):  # written to a file: Ray Train 2.60's Result.metrics is None for a report without checkpoint
+        with open(config["path"], "w") as f:
+            json.dump({"torch_threads": torch.get_num_threads(),
+                       "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}, f)
 
-    trainer = TorchTrainer(probe, scaling_config=ray.train.ScalingConfig(
-        num_workers=1, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="thread-probe-")))
-    metrics = trainer.fit().metrics
-    return {"torch_threads": metrics["torch_threads"], "omp_num_threads": metrics["omp_num_threads"]}
+    out = tempfile.mkdtemp(prefix="thread-probe-")
+    trainer = TorchTrainer(probe, train_loop_config={"path": os.path.join(out, "threads.json")},
+                           scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                                                  resources_per_worker={"CPU": cpus_per_worker}),
+                           run_config=ray.train.RunConfig(storage_path=out))
+    trainer.fit()
+    with open(os.path.join(out, "threads.json")) as f:
+        return json.load(f)
 
 
 def steady(seconds: list[float]) -> float:
