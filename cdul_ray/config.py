@@ -202,7 +202,8 @@ class LabelConfig:
     threshold: float = option(DEFAULT_THRESHOLD, "cdul threshold zeta in [0, 1]: local = max if max >= zeta else min")
     lam: float = option(0.0, "lambda >= 0 of Y0 = (global + local) / 2 + lambda * |global - local|")
     batch_size: int = option(16, "images per CLIP batch (each image is 1 + K*K views)")
-    decode_batch_size: int = option(16, "images per CPU decode/snippet task")
+    decode_batch_size: int | None = option(
+        None, "images per CPU decode/snippet task (default: blocks of about 32 MiB of views, 16-256 images)")
     min_actors: int = option(1, "CLIP actor pool: minimum size")
     max_actors: int | None = option(None, "CLIP actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
     use_gpu: str = gpu_option("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
@@ -266,7 +267,7 @@ class LabelConfig:
             max_actors=1,
             min_actors=1,
             batch_size=min(self.batch_size, 4),
-            decode_batch_size=min(self.decode_batch_size, 4),
+            decode_batch_size=min(self.decode_batch_size or 4, 4),
         )
 
     def smoke_dataset(self) -> str:

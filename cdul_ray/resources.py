@@ -294,6 +294,34 @@ def decode_cpus(cpus_per_actor: float) -> float:
     return 0.25 if cpus_per_actor == 0.5 else 0.5
 
 
+# Auto ``decode_batch_size``: decode blocks of about this many bytes of views, within these bounds (docs/performance.md:
+# on the bundled CLIP, 2 CPUs, 16-image blocks ran at half the speed of 64-256: Ray's per-task cost, not the work).
+DECODE_BLOCK_BYTES = 32 << 20
+DECODE_ROWS = (16, 256)
+DECODED_IMAGE_BYTES = 1 << 20  # device views ship the decoded image: its size is unknown before reading (640x480 RGB)
+
+
+def decode_batch_rows(requested: int | None, views: str, view_size: int | tuple[int, int], grid: int) -> int:
+    """Images per decode task (and per block into the CLIP actors).
+
+    Args:
+        requested: ``--decode-batch-size``; taken as is when set.
+        views: ``exact`` (the task ships 1 + K² uint8 views of ``view_size``) or ``device`` (one decoded image).
+        view_size: the model's input side in pixels, or (height, width).
+        grid: snippet grid side K.
+
+    Returns:
+        ``requested``, else the rows whose views fill about ``DECODE_BLOCK_BYTES`` (32 MiB), within 16-256: 256 for
+        the bundled CLIP (64 px), 22 for ViT-B at 224 px, 16 for RN50x64 at 448 px (96 MiB blocks), 32 with device
+        views (a nominal 1 MiB decoded image).
+    """
+    if requested:
+        return requested
+    h, w = (view_size, view_size) if isinstance(view_size, int) else view_size
+    per_image = (1 + grid * grid) * 3 * h * w if views == "exact" else DECODED_IMAGE_BYTES
+    return max(DECODE_ROWS[0], min(DECODE_ROWS[1], DECODE_BLOCK_BYTES // per_image))
+
+
 def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:
     """torch intra-op threads of a CPU CLIP actor.
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cdul_ray.config import ConfigError, LabelConfig
-from cdul_ray.resources import cpu_threads, decode_cpus
+from cdul_ray.resources import DECODE_BLOCK_BYTES, cpu_threads, decode_batch_rows, decode_cpus
 
 
 def test_cpu_threads_share_the_node_between_clip_actors():
@@ -21,7 +21,23 @@ def test_decode_reservation_never_equals_the_actors():
         assert decode_cpus(cpus) != cpus
 
 
-@pytest.mark.parametrize("field, value", [("views", "gpu"), ("cpu_threads", -1)])
+def test_decode_blocks_hold_about_32_mib_of_views_within_16_to_256_images():
+    assert decode_batch_rows(None, "exact", 64, 3) == 256  # bundled CLIP: 123 KB of views per image, capped
+    assert decode_batch_rows(None, "exact", 224, 3) == 22  # ViT-B: 1.5 MB per image
+    assert decode_batch_rows(None, "exact", (224, 224), 3) == 22
+    rows = decode_batch_rows(None, "exact", 224, 2)  # 5 views: twice the images of K = 3
+    assert rows == 44 and rows * 5 * 3 * 224 * 224 <= DECODE_BLOCK_BYTES < (rows + 1) * 5 * 3 * 224 * 224
+    assert decode_batch_rows(None, "exact", 448, 3) == 16  # RN50x64: never below 16
+    assert decode_batch_rows(None, "device", 448, 3) == 32  # one decoded image shipped, nominal 1 MiB
+    assert decode_batch_rows(7, "exact", 64, 3) == 7  # asked for: taken as is
+
+
+def test_smoke_test_shrinks_the_decode_blocks():
+    assert LabelConfig(smoke_test=True).effective().decode_batch_size == 4
+    assert LabelConfig(smoke_test=True, decode_batch_size=2).effective().decode_batch_size == 2
+
+
+@pytest.mark.parametrize("field, value", [("views", "gpu"), ("cpu_threads", -1), ("decode_batch_size", 0)])
 def test_bad_speed_flags_fail_fast_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         LabelConfig(dataset="d", output="o", **{field: value}).validate()
