@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import OutputExistsError, Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import LabelConfig
-from cdul_ray.resources import actor_pool, cpu_threads, decode_batch_rows, decode_cpus
+from cdul_ray.resources import actor_pool, cpu_threads, decode_batch_rows, decode_cpus, label_block_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    decode = Stage(decode_views, decode_batch_rows(cfg.decode_batch_size, views, spec.preprocess["size"], cfg.grid),
+    decode = Stage(decode_views, decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid)),
                    {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint, "views": views},
                    num_cpus=decode_cpus(cfg.cpus_per_actor))
     actor_kwargs = {"spec": spec, "classes": classes, "templates": list(cfg.templates), "grid": cfg.grid,

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from cdul_ray import schema, storage
 from cdul_ray.batch_inference import Stage, count_rows, prepare_output, stream_to_parquet
 from cdul_ray.config import SMOKE_IMAGES, check_actor_pool, check_dataset_input, gpu_option, option, to_dict
-from cdul_ray.resources import actor_pool, cpu_threads, decode_cpus
+from cdul_ray.resources import actor_pool, cpu_threads, decode_batch_rows, decode_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class PredictConfig:
     format: str = option("auto", "dataset format: auto, coco, voc, nuswide, folder, manifest")
     split: str | None = option(None, "dataset split (coco/voc/nuswide)")
     batch_size: int = option(64, "images per classifier batch")
-    decode_batch_size: int = option(16, "images per CPU decode/resize task")
+    decode_batch_size: int | None = option(
+        None, "images per CPU decode/resize task (default: blocks of about 32 MiB of resized images, 16-256 images)")
     min_actors: int = option(1, "classifier actor pool: minimum size")
     max_actors: int | None = option(None, "classifier actor pool: maximum size (default: GPUs incl. autoscaling, or 1 on CPU)")
     use_gpu: str = gpu_option("auto", "auto (GPU actors if the cluster has or can add GPUs), true, or false")
@@ -226,8 +227,9 @@ def run_prediction(cfg: PredictConfig) -> PredictSummary:
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    decode = Stage(decode_resized, cfg.decode_batch_size,
-                   {"image_size": int(meta["image_size"]), "endpoint_override": endpoint},
+    size = int(meta["image_size"])
+    decode = Stage(decode_resized, decode_batch_rows(cfg.decode_batch_size, 3 * size * size),
+                   {"image_size": size, "endpoint_override": endpoint},
                    num_cpus=decode_cpus(cfg.cpus_per_actor))  # not fused into the classifier actor
     classify = Stage(Predictor, cfg.batch_size,
                      {"model_dir": model_dir, "endpoint_override": endpoint, "actors": max_actors or 1},

@@ -294,32 +294,36 @@ def decode_cpus(cpus_per_actor: float) -> float:
     return 0.25 if cpus_per_actor == 0.5 else 0.5
 
 
-# Auto ``decode_batch_size``: decode blocks of about this many bytes of views, within these bounds (docs/performance.md:
+# Auto ``decode_batch_size``: decode blocks of about this many bytes, within these bounds (docs/performance.md:
 # on the bundled CLIP, 2 CPUs, 16-image blocks ran at half the speed of 64-256: Ray's per-task cost, not the work).
 DECODE_BLOCK_BYTES = 32 << 20
 DECODE_ROWS = (16, 256)
 DECODED_IMAGE_BYTES = 1 << 20  # device views ship the decoded image: its size is unknown before reading (640x480 RGB)
 
 
-def decode_batch_rows(requested: int | None, views: str, view_size: int | tuple[int, int], grid: int) -> int:
-    """Images per decode task (and per block into the CLIP actors).
+def decode_batch_rows(requested: int | None, bytes_per_image: int) -> int:
+    """Images per decode task (and per block into the model actors) of labeling and prediction.
 
     Args:
         requested: ``--decode-batch-size``; taken as is when set.
-        views: ``exact`` (the task ships 1 + K² uint8 views of ``view_size``) or ``device`` (one decoded image).
-        view_size: the model's input side in pixels, or (height, width).
-        grid: snippet grid side K.
+        bytes_per_image: what a decode task ships per image (``label_block_bytes``; 3 × S² for prediction).
 
     Returns:
-        ``requested``, else the rows whose views fill about ``DECODE_BLOCK_BYTES`` (32 MiB), within 16-256: 256 for
-        the bundled CLIP (64 px), 22 for ViT-B at 224 px, 16 for RN50x64 at 448 px (96 MiB blocks), 32 with device
-        views (a nominal 1 MiB decoded image).
+        ``requested``, else the images that fill about ``DECODE_BLOCK_BYTES`` (32 MiB), within 16-256.
     """
     if requested:
         return requested
+    return max(DECODE_ROWS[0], min(DECODE_ROWS[1], DECODE_BLOCK_BYTES // max(1, bytes_per_image)))
+
+
+def label_block_bytes(views: str, view_size: int | tuple[int, int], grid: int) -> int:
+    """Bytes a labeling decode task ships per image: 1 + K² uint8 views of ``view_size`` (``exact``: 123 KB for the
+    bundled CLIP at 64 px, 1.5 MB for ViT-B at 224 px, 6 MB for RN50x64 at 448 px), or the decoded image (``device``:
+    unknown before reading, ``DECODED_IMAGE_BYTES``)."""
+    if views != "exact":
+        return DECODED_IMAGE_BYTES
     h, w = (view_size, view_size) if isinstance(view_size, int) else view_size
-    per_image = (1 + grid * grid) * 3 * h * w if views == "exact" else DECODED_IMAGE_BYTES
-    return max(DECODE_ROWS[0], min(DECODE_ROWS[1], DECODE_BLOCK_BYTES // per_image))
+    return (1 + grid * grid) * 3 * h * w
 
 
 def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:

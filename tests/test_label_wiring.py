@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cdul_ray.config import ConfigError, LabelConfig
-from cdul_ray.resources import DECODE_BLOCK_BYTES, cpu_threads, decode_batch_rows, decode_cpus
+from cdul_ray.resources import DECODE_BLOCK_BYTES, cpu_threads, decode_batch_rows, decode_cpus, label_block_bytes
 
 
 def test_cpu_threads_share_the_node_between_clip_actors():
@@ -21,15 +21,19 @@ def test_decode_reservation_never_equals_the_actors():
         assert decode_cpus(cpus) != cpus
 
 
-def test_decode_blocks_hold_about_32_mib_of_views_within_16_to_256_images():
-    assert decode_batch_rows(None, "exact", 64, 3) == 256  # bundled CLIP: 123 KB of views per image, capped
-    assert decode_batch_rows(None, "exact", 224, 3) == 22  # ViT-B: 1.5 MB per image
-    assert decode_batch_rows(None, "exact", (224, 224), 3) == 22
-    rows = decode_batch_rows(None, "exact", 224, 2)  # 5 views: twice the images of K = 3
-    assert rows == 44 and rows * 5 * 3 * 224 * 224 <= DECODE_BLOCK_BYTES < (rows + 1) * 5 * 3 * 224 * 224
-    assert decode_batch_rows(None, "exact", 448, 3) == 16  # RN50x64: never below 16
-    assert decode_batch_rows(None, "device", 448, 3) == 32  # one decoded image shipped, nominal 1 MiB
-    assert decode_batch_rows(7, "exact", 64, 3) == 7  # asked for: taken as is
+def test_decode_blocks_hold_about_32_mib_within_16_to_256_images():
+    def rows(views, size, grid, requested=None):
+        return decode_batch_rows(requested, label_block_bytes(views, size, grid))
+
+    assert rows("exact", 64, 3) == 256  # bundled CLIP: 123 KB of views per image, capped
+    assert rows("exact", 224, 3) == 22  # ViT-B: 1.5 MB per image
+    assert rows("exact", (224, 224), 3) == 22
+    k2 = rows("exact", 224, 2)  # 5 views: twice the images of K = 3
+    assert k2 == 44 and k2 * 5 * 3 * 224 * 224 <= DECODE_BLOCK_BYTES < (k2 + 1) * 5 * 3 * 224 * 224
+    assert rows("exact", 448, 3) == 16  # RN50x64: never below 16
+    assert rows("device", 448, 3) == 32  # one decoded image shipped, nominal 1 MiB
+    assert rows("exact", 64, 3, requested=7) == 7  # asked for: taken as is
+    assert decode_batch_rows(None, 3 * 224 * 224) == 222  # prediction: one resized image
 
 
 def test_smoke_test_shrinks_the_decode_blocks():
