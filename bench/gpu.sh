@@ -47,5 +47,6 @@ echo "== 1a/1b $RN, views cut on the device"
     --batch-size "$RN_BATCH" --driver-threads "$THREADS" --peak-tflops "$PEAK" --json "$OUT/efficiency-$RN-device.json"
 echo "== 1c $VIT scaling: grids $GRIDS, batch sizes $SCALE_BATCHES (one GPU: one CLIP actor)"
 "$PY" bench/label_scaling.py --model "$VIT" --pretrained none --precision amp --image-size "$IMG" \
-    --sizes $SCALE_SIZES --grids $GRIDS --actors --batch-size "$VIT_BATCH" --batch-sizes $SCALE_BATCHES --json "$OUT/scaling-$VIT.json"
+    --sizes $SCALE_SIZES --grids $GRIDS --actors --batch-size "$VIT_BATCH" --batch-sizes $SCALE_BATCHES --repeats 1 \
+    --json "$OUT/scaling-$VIT.json"
 echo "== done $(date -u +%FT%TZ); JSON in $OUT"
