@@ -45,7 +45,7 @@ examples:
 """,
     "demo": """\
 examples:
-  cdul demo                      # the full offline demo: Table 1, ζ sweep, report, Table 2 (~18 min on 2 idle CPUs)
+  cdul demo                      # the full offline demo: Table 1, ζ sweep, report, Table 2 (~11 min on 2 idle CPUs)
   cdul demo --no-train           # labeling only: Table 1, ζ sweep and the report
   cdul demo --train-images 300 --test-images 100 --train-epochs 1     # a smaller world, faster
 """,

@@ -213,7 +213,9 @@ class LabelConfig:
     cpu_threads: int = option(0, "torch threads per CPU CLIP actor (0: the node's cores / CLIP actors on it)")
     precision: str = option("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
     limit: int | None = option(None, "label only the first N images of the dataset")
-    rows_per_file: int = option(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
+    rows_per_file: int = option(
+        1024, "minimum rows per output Parquet file (files close at a decode block): a killed job loses at most this "
+              "plus one decode block; resume skips the rest")
     s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
     cache_dir: str = option("~/.cache/cdul_ray", "per-node cache for weights fetched from S3")
     overwrite: bool = option(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
@@ -267,7 +269,7 @@ class LabelConfig:
             max_actors=1,
             min_actors=1,
             batch_size=min(self.batch_size, 4),
-            decode_batch_size=min(self.decode_batch_size or 4, 4),
+            decode_batch_size=4 if self.decode_batch_size is None else min(self.decode_batch_size, 4),
         )
 
     def smoke_dataset(self) -> str:

@@ -61,7 +61,9 @@ class PredictConfig:
     s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)")
     overwrite: bool = option(False, "delete the run in the output and start afresh (default: resume it, skipping done images)")
     evaluate: bool = option(True, "compute the mAP of the predictions when the dataset has ground truth")
-    rows_per_file: int = option(1024, "rows per output Parquet file: the most a killed job loses (resume skips the rest)")
+    rows_per_file: int = option(
+        1024, "minimum rows per output Parquet file (files close at a decode block): a killed job loses at most this "
+              "plus one decode block; resume skips the rest")
     smoke_test: bool = option(False, f"a few images ({SMOKE_IMAGES}) on CPU")
 
     def validate(self) -> "PredictConfig":

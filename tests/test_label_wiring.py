@@ -39,6 +39,8 @@ def test_decode_blocks_hold_about_32_mib_within_16_to_256_images():
 def test_smoke_test_shrinks_the_decode_blocks():
     assert LabelConfig(smoke_test=True).effective().decode_batch_size == 4
     assert LabelConfig(smoke_test=True, decode_batch_size=2).effective().decode_batch_size == 2
+    with pytest.raises(ConfigError, match="`decode_batch_size`"):  # 0 stays refused under --smoke-test too
+        LabelConfig(smoke_test=True, decode_batch_size=0).effective().validate()
 
 
 @pytest.mark.parametrize("field, value", [("views", "gpu"), ("cpu_threads", -1), ("decode_batch_size", 0)])
