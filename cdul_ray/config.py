@@ -167,6 +167,12 @@ def check_dataset_input(cfg: Any, *required: str) -> None:
     check_at_least(cfg, 1, "limit")
 
 
+def _at_most(value: int | None, cap: int) -> int:
+    """``cap`` for an unset field, else ``min(value, cap)``: a smoke test shrinks a value but keeps a bad one bad
+    (labeling validates after shrinking, so ``value or cap`` would turn 0 into ``cap``)."""
+    return cap if value is None else min(value, cap)
+
+
 def check_actor_pool(cfg: Any) -> None:
     """``batch_size``, ``decode_batch_size``, ``rows_per_file``, actor pool size, ``use_gpu`` and ``cpus_per_actor`` of a
     streamed Ray Data job (cdul_ray.batch_inference)."""
@@ -264,12 +270,12 @@ class LabelConfig:
             output=self.output or "out/smoke",
             model=SMOKE_MODEL[0],
             pretrained=SMOKE_MODEL[1],
-            limit=min(self.limit or SMOKE_IMAGES, SMOKE_IMAGES),
+            limit=_at_most(self.limit, SMOKE_IMAGES),
             use_gpu="false",
             max_actors=1,
             min_actors=1,
             batch_size=min(self.batch_size, 4),
-            decode_batch_size=4 if self.decode_batch_size is None else min(self.decode_batch_size, 4),
+            decode_batch_size=_at_most(self.decode_batch_size, 4),
         )
 
     def smoke_dataset(self) -> str:

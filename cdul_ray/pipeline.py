@@ -344,7 +344,8 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    decode = Stage(decode_views, decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid)),
+    decode_rows = decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid))
+    decode = Stage(decode_views, decode_rows,
                    {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint, "views": views},
                    num_cpus=decode_cpus(cfg.cpus_per_actor))
     actor_kwargs = {"spec": spec, "classes": classes, "templates": list(cfg.templates), "grid": cfg.grid,

@@ -311,7 +311,7 @@ def decode_batch_rows(requested: int | None, bytes_per_image: int) -> int:
     Returns:
         ``requested``, else the images that fill about ``DECODE_BLOCK_BYTES`` (32 MiB), within 16-256.
     """
-    if requested:
+    if requested is not None:
         return requested
     return max(DECODE_ROWS[0], min(DECODE_ROWS[1], DECODE_BLOCK_BYTES // max(1, bytes_per_image)))
 

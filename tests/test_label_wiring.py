@@ -43,6 +43,13 @@ def test_smoke_test_shrinks_the_decode_blocks():
         LabelConfig(smoke_test=True, decode_batch_size=0).effective().validate()
 
 
+def test_smoke_test_keeps_a_bad_limit_bad():
+    assert LabelConfig(smoke_test=True).effective().limit == 8
+    assert LabelConfig(smoke_test=True, limit=3).effective().limit == 3
+    with pytest.raises(ConfigError, match="`limit`"):  # was silently turned into 8
+        LabelConfig(smoke_test=True, limit=0).effective().validate()
+
+
 @pytest.mark.parametrize("field, value", [("views", "gpu"), ("cpu_threads", -1), ("decode_batch_size", 0)])
 def test_bad_speed_flags_fail_fast_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"`{field}`"):
