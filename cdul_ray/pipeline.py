@@ -10,7 +10,8 @@ Stages (each a ``map_batches``; Ray Data streams blocks between them, so decodin
 2. ``ClipScorer`` (actor pool, ``compute=ActorPoolStrategy``, ``num_gpus=1`` per actor on GPU clusters): cuts the
    views on the device when they come uncut, normalises on the device, encodes global views and snippets of the
    whole batch in one pass, computes global/local alignment, α/β/mean and the soft pseudo label (cdul_ray.core),
-   returns a small Arrow table (no pixels). CPU actors run torch on the node's cores (``cpu_threads``).
+   returns a small Arrow table (no pixels). CPU actors run torch on the node's cores (``cpu_threads``); with
+   ``--compile`` the image tower is compiled once per actor (``clip.image_encoder``).
 3. The scored rows (a few floats per class and image) are streamed to ``labels/`` and ``errors/`` Parquet datasets
    (:mod:`cdul_ray.batch_inference`).
 
@@ -125,10 +126,12 @@ class ClipScorer:
         views: str = "exact",
         threads: int = 0,
         actors: int = 1,
+        batch_size: int = 16,
+        compile: bool = False,
     ):
         import torch
 
-        from cdul_ray.clip import load_clip
+        from cdul_ray.clip import image_encoder, load_clip
         from cdul_ray.core.alignment import class_text_embeddings
         from cdul_ray.core.views import split_eval_transform
 
@@ -145,6 +148,10 @@ class ClipScorer:
         self.grid, self.aggregator, self.threshold, self.lam = grid, aggregator, threshold, lam
         # method.md §2: fp32 or autocast (fp16 weights have produced NaNs); alignment_scores upcasts to fp32 anyway
         self.autocast = precision == "amp" and self.device.type == "cuda"
+        size = spec.preprocess["size"]
+        self.encode = image_encoder(self.model, batch_size * (1 + grid * grid),
+                                    (size, size) if isinstance(size, int) else tuple(size), self.device, self.autocast,
+                                    compile)
         self.out_schema = schema.labels_schema(self.num_classes).append(pa.field("error_stage", pa.string())).append(
             pa.field("error_reason", pa.string())
         )
@@ -172,7 +179,7 @@ class ClipScorer:
                     x = torch.from_numpy(np.require(views[ok], np.uint8, ("C", "W"))).to(self.device)
                 x = normalize(x.flatten(0, 1), self.mean, self.std)  # (B'*(1+S), 3, H, W)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    feats = self.model.encode_image(x)  # (B'*(1+S), D)
+                    feats = self.encode(x)  # (B'*(1+S), D)
                 probs = alignment_scores(feats, self.text, self.model.logit_scale).view(-1, v, c)  # (B', 1+S, C)
                 g = probs[:, 0]  # (B', C) global alignment
                 alpha, beta, mean = snippet_stats(probs[:, 1:])  # each (B', C), local alignment
@@ -215,6 +222,11 @@ def _class_indices(value: Any) -> list[int] | None:
 # Fields that define a labeling run's values: a run into an output that holds labels made with other values is refused.
 LABEL_DEFINING_FIELDS = ("model", "pretrained", "classes", "templates", "grid", "aggregator", "threshold", "lam",
                          "precision")
+
+
+# From this many images, a CPU run that does not pass --compile is told what compiling would save (docs/performance.md:
+# the compile costs 5-30 s per actor and saves about 1.5 ms per image of the bundled CLIP on 2 cores).
+COMPILE_HINT_IMAGES = 20_000
 
 
 # The views a run's labels were computed from, once ``--views auto`` is resolved (exact on CPU actors, device on GPU
@@ -339,6 +351,9 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         ray.init()
     use_gpu, min_actors, max_actors = actor_pool(cfg)
     views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
+    if not use_gpu and not cfg.compile and n_images >= COMPILE_HINT_IMAGES:
+        logger.info("%d images on CPU CLIP actors: --compile makes the CLIP forward ~1.4x faster for a one-off "
+                    "10-30 s compile per actor (docs/performance.md)", n_images)
     _check_views_used(cfg, views, endpoint)
     run_config[VIEWS_USED] = views
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
@@ -351,7 +366,8 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     actor_kwargs = {"spec": spec, "classes": classes, "templates": list(cfg.templates), "grid": cfg.grid,
                     "aggregator": cfg.aggregator, "threshold": cfg.threshold, "lam": cfg.lam,
                     "cache_dir": cfg.cache_dir, "endpoint_override": endpoint, "precision": cfg.precision,
-                    "views": views, "threads": cfg.cpu_threads, "actors": max_actors or 1}
+                    "views": views, "threads": cfg.cpu_threads, "actors": max_actors or 1,
+                    "batch_size": cfg.batch_size, "compile": cfg.compile}
     score = Stage(ClipScorer, cfg.batch_size, actor_kwargs, num_cpus=cfg.cpus_per_actor,
                   num_gpus=1 if use_gpu else 0, actors=(min_actors, max_actors))
     written = stream_to_parquet(index.records, cfg.output, endpoint, schema.LABELS_DIR, (decode, score),

@@ -144,3 +144,18 @@ def test_views_cut_on_the_device_give_nearly_the_exact_labels(labeled, coco_data
         np.testing.assert_allclose(_vectors(t1, col), _vectors(t2, col), atol=0.02)
     # really the other path: torch's resize is not bit-exact with PIL's
     assert not np.array_equal(_vectors(t1, schema.GLOBAL_SCORE), _vectors(t2, schema.GLOBAL_SCORE))
+
+
+def test_compiled_clip_gives_the_eager_labels(labeled, coco_dataset, tiny_clip, tmp_path):
+    """--compile (torch.compile of the image tower in the actor, batches padded to --batch-size): the same rows and
+    errors, scores equal to float rounding."""
+    out1, _, summary1 = labeled
+    root, _ = coco_dataset
+    summary2 = run_labeling(_cfg(root, tmp_path, tiny_clip, max_actors=1, compile=True))
+    assert (summary2.labeled, summary2.errors) == (summary1.labeled, summary1.errors)
+    t1 = pq.read_table(out1 / schema.LABELS_DIR).sort_by("image_id")
+    t2 = pq.read_table(tmp_path / schema.LABELS_DIR).sort_by("image_id")
+    assert t1["image_id"].to_pylist() == t2["image_id"].to_pylist()
+    for col in schema.SCORE_COLUMNS:
+        np.testing.assert_allclose(_vectors(t1, col), _vectors(t2, col), atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / schema.RUN_CONFIG_FILE).read_text())["compile"] is True
