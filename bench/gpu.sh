@@ -5,6 +5,7 @@
 #     bench/gpu.sh                      # ViT-B-16 and RN50x64; about 8 minutes on an H100/H200
 #     PEAK_TFLOPS=312 bench/gpu.sh      # another GPU: its peak dense bf16 matrix TFLOP/s (A100: 312)
 #     DRY_RUN=1 bench/gpu.sh            # the same steps with small models and tiny sizes (CPU check of the script)
+#     COMPILE=1 bench/gpu.sh            # the 1a/1b pipeline runs with --compile (torch.compile of the image tower)
 #
 # Prints, per model: images/s of the bare batched forward, the per-image loop and the pipeline's steady state, the
 # model TFLOP/s (FlopCounterMode on one view x (1 + K^2) views per image) and its fraction of PEAK_TFLOPS; then the
@@ -34,7 +35,8 @@ else
 fi
 echo "== $(date -u +%FT%TZ)  load: $(uptime | sed 's/.*load average: //')  peak bf16: $PEAK TFLOP/s"
 
-common=(--pretrained none --precision amp --image-size "$IMG" --rounds 1)
+common=(--pretrained none --precision amp --image-size "$IMG" --rounds 1 --warm-up 0)
+[ "${COMPILE:-0}" = 1 ] && common+=(--label-arg compile=true)
 echo "== 1a/1b $VIT, views cut on the device (the GPU default)"
 "$PY" bench/label_efficiency.py --model "$VIT" "${common[@]}" --sizes $VIT_SIZES --loop-images "$LOOP" \
     --batch-size "$VIT_BATCH" --driver-threads "$THREADS" --peak-tflops "$PEAK" --json "$OUT/efficiency-$VIT-device.json"

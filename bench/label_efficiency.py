@@ -1,6 +1,7 @@
 """Labeling efficiency: the Ray Data pipeline vs the bare batched forward and a plain per-image loop (issue 11, 1a-1b).
 
     .venv/bin/python bench/label_efficiency.py                                   # bundled small CLIP (64 px)
+    .venv/bin/python bench/label_efficiency.py --label-arg compile=true --sizes 1500 4500    # --compile
     .venv/bin/python bench/label_efficiency.py --model ViT-B-32 --pretrained none --sizes 8 24
     .venv/bin/python bench/label_efficiency.py --model RN50x64 --pretrained none --precision amp --peak-tflops 989
 
@@ -13,6 +14,7 @@ The pipeline gets the same CPUs as the driver's own torch (``ray.init(num_cpus=o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "amp"))
     p.add_argument("--image-size", type=int, default=224, help="side of the generated scenes in pixels")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--warm-up", type=int, default=1,
+                   help="unrecorded pipeline runs of n1 images first (a process's first runs are slower)")
     p.add_argument("--driver-threads", type=int, nargs="+", default=None,
                    help="torch threads of the bare forward and the loop, each measured (default: 1 and all cores)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -60,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                  "batch_size": args.batch_size, "precision": args.precision, "max_actors": 1, **extra}
     threads = args.driver_threads or sorted({1, os.cpu_count() or 1})
     rows = []
+    for i in range(args.warm_up):
+        with lb.quiet_logs():
+            t, _ = lb.pipeline_seconds(root, n1, **overrides)
+        print(json.dumps({"warm_up": i + 1, "images": n1, "seconds": round(t, 2), "load": lb.load_average()}),
+              flush=True)
     for r in range(args.rounds):
         for mode, fn in (("bare", lambda: lb.bare_forward(m, views, args.batch_size)),
                          ("loop", lambda: lb.per_image_loop(m, paths, args.grid))):
