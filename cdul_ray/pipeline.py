@@ -232,6 +232,7 @@ COMPILE_HINT_IMAGES = 20_000
 # The views a run's labels were computed from, once ``--views auto`` is resolved (exact on CPU actors, device on GPU
 # actors): recorded in run_config.json and, like LABEL_DEFINING_FIELDS, never mixed in one output.
 VIEWS_USED = "views_used"
+DECODE_ROWS_USED = "decode_batch_rows_used"  # images per decode block, once --decode-batch-size is resolved
 
 
 def _check_views_used(cfg: LabelConfig, views: str, endpoint: str | None) -> None:
@@ -356,10 +357,11 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
                     "10-30 s compile per actor (docs/performance.md)", n_images)
     _check_views_used(cfg, views, endpoint)
     run_config[VIEWS_USED] = views
+    decode_rows = decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid))
+    run_config[DECODE_ROWS_USED] = decode_rows  # what --decode-batch-size (auto by default) resolved to
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)
 
-    decode_rows = decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid))
     decode = Stage(decode_views, decode_rows,
                    {"preprocess": spec.preprocess, "grid": cfg.grid, "endpoint_override": endpoint, "views": views},
                    num_cpus=decode_cpus(cfg.cpus_per_actor))

@@ -158,4 +158,16 @@ def test_compiled_clip_gives_the_eager_labels(labeled, coco_dataset, tiny_clip, 
     assert t1["image_id"].to_pylist() == t2["image_id"].to_pylist()
     for col in schema.SCORE_COLUMNS:
         np.testing.assert_allclose(_vectors(t1, col), _vectors(t2, col), atol=1e-5, rtol=1e-4)
-    assert json.loads((tmp_path / schema.RUN_CONFIG_FILE).read_text())["compile"] is True
+    run_config = json.loads((tmp_path / schema.RUN_CONFIG_FILE).read_text())
+    assert run_config["compile"] is True
+    assert run_config["decode_batch_size"] == run_config["decode_batch_rows_used"] == 4
+
+
+def test_run_config_records_the_decode_blocks_auto_resolved_to(labeled, coco_dataset, tiny_clip, tmp_path):
+    """--decode-batch-size unset: run_config.json says what the auto rule chose (the tiny CLIP's 32 px views are
+    small, so the 256-image cap)."""
+    root, _ = coco_dataset
+    run_labeling(_cfg(root, tmp_path, tiny_clip, max_actors=1, decode_batch_size=None, limit=3))
+    run_config = json.loads((tmp_path / schema.RUN_CONFIG_FILE).read_text())
+    assert run_config["decode_batch_size"] is None
+    assert run_config["decode_batch_rows_used"] == 256
