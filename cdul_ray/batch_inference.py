@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileSelector, FileType
 
 from cdul_ray import schema, storage
+from cdul_ray.resources import wait_for_free_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ def stream_to_parquet(records: pa.Table, output: str, endpoint: str | None, resu
             ds = ds.map_batches(stage.fn, batch_size=stage.batch_size, num_cpus=stage.num_cpus,
                                 num_gpus=stage.num_gpus, **kw)
         sink = _result_datasink_cls()(out_path, results_dir, run_id, rows_per_file, fs)
+        wait_for_free_cpu()  # the previous run's actors may still be handing their CPUs back
         # Writes reserve no CPU: with a CLIP actor (1 CPU) and decode tasks (0.5 each) filling a small node, a 1-CPU
         # write task waited for the last image, and nothing reached disk before the end (measured on 2 CPUs).
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})

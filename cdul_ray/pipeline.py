@@ -352,7 +352,10 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
         ray.init()
     use_gpu, min_actors, max_actors = actor_pool(cfg)
     views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
-    if not use_gpu and not cfg.compile and n_images >= COMPILE_HINT_IMAGES:
+    if cfg.compile:  # the actors' own "compiled in N s" line is at INFO in their processes: say it here
+        logger.info("--compile: each CLIP actor compiles the image tower before its first batch (10-30 s the first "
+                    "time on a node, seconds from inductor's cache); if compiling fails, it logs why and runs eagerly")
+    elif not use_gpu and n_images >= COMPILE_HINT_IMAGES:
         logger.info("%d images on CPU CLIP actors: --compile makes the CLIP forward ~1.4x faster for a one-off "
                     "10-30 s compile per actor (docs/performance.md)", n_images)
     _check_views_used(cfg, views, endpoint)

@@ -336,3 +336,20 @@ def cpu_threads(requested: int, node_cpus: int, actors: int) -> int:
     if requested > 0:
         return requested
     return max(1, node_cpus // max(1, min(actors, node_cpus)))
+
+
+def wait_for_free_cpu(timeout_s: float = 30.0) -> None:
+    """Wait (at most ``timeout_s`` seconds) until the cluster reports a free CPU before a Dataset execution starts.
+
+    The actors and tasks of a previous execution (a labeling actor pool, a training's worker group) hand their CPUs
+    back a moment after it returns, several seconds on a loaded machine; Ray Data checks ``ray.available_resources()``
+    when an execution starts and, seeing no CPU, warns that "The Dataset job will hang". After the timeout the
+    execution starts anyway (and Ray's warning, then meant, is printed).
+    """
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)

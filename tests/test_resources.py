@@ -165,3 +165,29 @@ def test_gpu_capacity_on_a_local_cluster(ray_cluster, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("available_node_types: [\n")
     assert gpu_capacity(str(bad)).source == NO_CONFIG
+
+
+@pytest.mark.slow
+def test_wait_for_free_cpu_waits_while_actors_hold_every_cpu(ray_cluster):
+    """Before a Dataset execution: wait while a previous stage's actors still hold the CPUs, at most the timeout."""
+    import time
+
+    from cdul_ray.resources import wait_for_free_cpu
+
+    @ray_cluster.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray_cluster.get(holder.ready.remote())
+    start = time.monotonic()
+    wait_for_free_cpu(timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - start < 5.0  # no CPU free: waited the whole timeout, then went on
+    ray_cluster.kill(holder)
+    deadline = time.monotonic() + 30
+    while not ray_cluster.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    start = time.monotonic()
+    wait_for_free_cpu(timeout_s=10.0)
+    assert time.monotonic() - start < 1.0  # a CPU is free: no wait

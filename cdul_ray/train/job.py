@@ -32,7 +32,7 @@ from cdul_ray.batch_inference import OutputExistsError
 from cdul_ray.classifier import check_backbone, checkpoint_dirs, create_classifier, decode_resized, normalisation, \
     resolve_backbone_weights
 from cdul_ray.config import ConfigError
-from cdul_ray.resources import gpu_capacity, plan_train_workers
+from cdul_ray.resources import gpu_capacity, plan_train_workers, wait_for_free_cpu
 from cdul_ray.train.config import RESUME_MUTABLE, TrainConfig
 from cdul_ray.train.labels import GroundTruth, read_history, write_initial_version
 from cdul_ray.train.worker import CRASH_ENV, WorkerInputs, train_worker
@@ -261,7 +261,7 @@ def image_dataset(records: pa.Table, cfg: TrainConfig, endpoint: str | None, cac
     ds = ds.map_batches(decode_resized, fn_kwargs={"image_size": cfg.image_size, "endpoint_override": endpoint},
                         batch_size=cfg.decode_batch_size, num_cpus=1)
     if cache:
-        _wait_for_free_cpu()
+        wait_for_free_cpu()
         ds = ds.materialize()  # progress shown on the driver (bars on a TTY, periodic lines otherwise)
         if labels is not None:
             ds = _zip(ds, labels)
@@ -279,19 +279,6 @@ def _zip(left, right):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*`Dataset.zip` is deprecated")
         return left.zip(right)
-
-
-def _wait_for_free_cpu(timeout_s: float = 5.0) -> None:
-    """Wait (at most ``timeout_s``) until the cluster reports a free CPU before a driver-side Dataset execution.
-
-    A previous execution's tasks hand their CPUs back a moment after it returns; Ray Data checks
-    ``ray.available_resources()`` when an execution starts and, seeing none, warns that "The Dataset job will hang".
-    """
-    import ray
-
-    deadline = time.time() + timeout_s
-    while not ray.available_resources().get("CPU") and time.time() < deadline:
-        time.sleep(0.1)
 
 
 def cache_decoded(cfg: TrainConfig, n_images: int) -> bool:
