@@ -219,8 +219,8 @@ class LabelConfig:
     cpu_threads: int = option(0, "torch threads per CPU CLIP actor (0: the node's cores / CLIP actors on it)")
     precision: str = option("fp32", "CLIP compute precision: fp32, or amp (bfloat16 autocast on CUDA; scores stay fp32)")
     compile: bool = option(
-        False, "torch.compile the CLIP image tower in each actor (inductor, frozen weights): ~1.4x faster CLIP on CPU "
-               "for a one-off 10-30 s compile per actor, worth it from a few thousand images per actor; falls back to "
+        False, "torch.compile the CLIP image tower in each actor (inductor, frozen weights): ~1.4x faster small CLIPs "
+               "on CPU for a one-off 5-30 s compile per actor, worth it from ~10,000 images per actor; falls back to "
                "eager if compiling fails")
     limit: int | None = option(None, "label only the first N images of the dataset")
     rows_per_file: int = option(
