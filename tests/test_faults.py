@@ -173,14 +173,21 @@ class FlakyProxy:
         with self.lock:
             self.open -= {src, dst}
 
-    def outage(self, seconds: float) -> None:
+    def outage(self, seconds: float, until_refused_s: float = 0.0) -> float:
+        """Down for ``seconds``, then on until a new connection has been refused during the outage (at most
+        ``until_refused_s`` more): a job busy without S3 for the first seconds still meets the outage."""
+        refused, start = self.refused, time.monotonic()
         self.up.clear()
         with self.lock:
             dropped = list(self.open)
         for s in dropped:
             self._reset(s)
         time.sleep(seconds)
+        deadline = time.monotonic() + until_refused_s
+        while self.refused == refused and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.up.set()
+        return time.monotonic() - start  # seconds down
 
     def close(self) -> None:
         self.server.close()
@@ -207,7 +214,9 @@ def _s3_ids(client, bucket: str, prefix: str) -> list[str]:
 
 def test_s3_outage_mid_run_is_retried_and_the_run_completes(ray_cluster, own_moto, tiny_clip, tmp_path):
     """Reads (images) and writes (labels, checkpoint) go through a proxy that drops every connection for 4 s once the
-    first write task has committed; the run ends complete, with no image turned into an error row by the outage."""
+    first write task has committed, and longer if the job has not tried S3 by then (its images may all be read
+    already, its next write not due: the outage lasts until it has refused one connection); the run ends complete,
+    with no image turned into an error row by the outage."""
     folder, classes, names = _corpus(tmp_path, 32)
     client = make_bucket(f"http://127.0.0.1:{own_moto}", "faults-outage")
     upload_dir(client, folder, "faults-outage", "photos")
@@ -221,7 +230,7 @@ def test_s3_outage_mid_run_is_retried_and_the_run_completes(ray_cluster, own_mot
             if any(k.endswith(".parquet") and not k.endswith(".pending.parquet")
                    for k in (o["Key"] for o in listed.get("Contents", []))):  # a committed write task
                 outage["labels_before"] = len(_s3_ids(client, "faults-outage", f"out/{schema.LABELS_DIR}/"))
-                proxy.outage(4.0)
+                outage["seconds"] = proxy.outage(4.0, until_refused_s=60.0)
                 outage["done"] = True
                 return
             time.sleep(0.1)
@@ -240,7 +249,7 @@ def test_s3_outage_mid_run_is_retried_and_the_run_completes(ray_cluster, own_mot
     errors = _s3_ids(client, "faults-outage", f"out/{schema.ERRORS_DIR}/")
     assert sorted(labels) == names and errors == ["bad.jpg"]  # exactly once, no read error from the outage
     assert (summary.labeled, summary.errors) == (32, 1)
-    print(f"S3 outage of 4 s with {outage['labels_before']}/32 labels written; {proxy.refused} connections reset "
+    print(f"S3 outage of {outage['seconds']:.1f} s with {outage['labels_before']}/32 labels written; {proxy.refused} connections reset "
           "during it; run complete")
 
 
