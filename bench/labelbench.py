@@ -63,7 +63,7 @@ class Model:
     def __init__(self, model: str, pretrained: str, classes: list[str], precision: str = "fp32"):
         import torch
 
-        from cdul_ray.clip import load_clip, resolve_weights
+        from cdul_ray.clip import load_clip, resolve_weights, view_size
         from cdul_ray.core.alignment import DEFAULT_TEMPLATES, class_text_embeddings
         from cdul_ray.core.views import split_eval_transform
 
@@ -76,8 +76,7 @@ class Model:
             self.text = class_text_embeddings(self.model.encode_text, tokenizer, classes, DEFAULT_TEMPLATES,
                                               self.device)
         self.autocast = precision == "amp" and self.device.type == "cuda"
-        size = self.spec.preprocess["size"]
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = view_size(self.spec.preprocess)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -72,6 +72,12 @@ class ClipSpec:
     preprocess: dict[str, Any]
 
 
+def view_size(preprocess: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) in pixels of one view: open_clip's preprocess ``size``, an int (square) or [height, width]."""
+    size = preprocess["size"]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def open_clip_module():
     import open_clip
 
@@ -330,7 +336,7 @@ def image_encoder(model, views_per_call: int, size: tuple[int, int], device: tor
     exactly ``views_per_call`` views; smaller batches are padded with zero views and the padding is dropped (eval
     mode: every view's embedding is independent of the others), so one compiled graph serves the whole run. The
     compile runs here, on a zero batch, under the same autocast the calls use: 10-30 s on CPU the first time on a
-    machine, a few seconds once inductor's cache under ``/tmp`` holds it. Embeddings differ from eager by float
+    machine, 5-10 s once inductor's cache under ``/tmp`` holds it. Embeddings differ from eager by float
     rounding only (≈ 2e-6 on the bundled CLIP; docs/performance.md).
 
     Args:

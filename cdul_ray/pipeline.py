@@ -89,9 +89,9 @@ def decode_views(
         for i, r in enumerate(results):
             out["views"][i] = r[0] if r[0] is not None else np.zeros((3, 1, 1), dtype=np.uint8)
     else:
-        size = preprocess["size"]
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        empty = np.zeros((1 + grid * grid, 3, *hw), dtype=np.uint8)
+        from cdul_ray.clip import view_size
+
+        empty = np.zeros((1 + grid * grid, 3, *view_size(preprocess)), dtype=np.uint8)
         out["views"] = np.stack([r[0] if r[0] is not None else empty for r in results])  # (B, 1+S, 3, H, W)
     out["width"] = np.array([r[1] for r in results], dtype=np.int32)
     out["height"] = np.array([r[2] for r in results], dtype=np.int32)
@@ -131,7 +131,7 @@ class ClipScorer:
     ):
         import torch
 
-        from cdul_ray.clip import image_encoder, load_clip
+        from cdul_ray.clip import image_encoder, load_clip, view_size
         from cdul_ray.core.alignment import class_text_embeddings
         from cdul_ray.core.views import split_eval_transform
 
@@ -148,10 +148,8 @@ class ClipScorer:
         self.grid, self.aggregator, self.threshold, self.lam = grid, aggregator, threshold, lam
         # method.md §2: fp32 or autocast (fp16 weights have produced NaNs); alignment_scores upcasts to fp32 anyway
         self.autocast = precision == "amp" and self.device.type == "cuda"
-        size = spec.preprocess["size"]
-        self.encode = image_encoder(self.model, batch_size * (1 + grid * grid),
-                                    (size, size) if isinstance(size, int) else tuple(size), self.device, self.autocast,
-                                    compile)
+        self.encode = image_encoder(self.model, batch_size * (1 + grid * grid), view_size(spec.preprocess),
+                                    self.device, self.autocast, compile)
         self.out_schema = schema.labels_schema(self.num_classes).append(pa.field("error_stage", pa.string())).append(
             pa.field("error_reason", pa.string())
         )
@@ -329,6 +327,7 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     """
     import ray
 
+    from cdul_ray.clip import view_size
     from cdul_ray.datasets import load_dataset
     from cdul_ray.evaluate import evaluate_labels
 
@@ -354,13 +353,14 @@ def run_labeling(cfg: LabelConfig) -> LabelSummary:
     views = cfg.views if cfg.views != "auto" else ("device" if use_gpu else "exact")
     if cfg.compile:  # the actors' own "compiled in N s" line is at INFO in their processes: say it here
         logger.info("--compile: each CLIP actor compiles the image tower before its first batch (10-30 s the first "
-                    "time on a node, seconds from inductor's cache); if compiling fails, it logs why and runs eagerly")
+                    "time on a node, 5-10 s from inductor's cache); if compiling fails, it logs why and runs eagerly")
     elif not use_gpu and n_images >= COMPILE_HINT_IMAGES:
         logger.info("%d images on CPU CLIP actors: --compile makes the CLIP forward ~1.4x faster for a one-off "
-                    "10-30 s compile per actor (docs/performance.md)", n_images)
+                    "5-30 s compile per actor (docs/performance.md)", n_images)
     _check_views_used(cfg, views, endpoint)
     run_config[VIEWS_USED] = views
-    decode_rows = decode_batch_rows(cfg.decode_batch_size, label_block_bytes(views, spec.preprocess["size"], cfg.grid))
+    decode_rows = decode_batch_rows(cfg.decode_batch_size,
+                                    label_block_bytes(views, view_size(spec.preprocess), cfg.grid))
     run_config[DECODE_ROWS_USED] = decode_rows  # what --decode-batch-size (auto by default) resolved to
     storage.write_json(storage.join(cfg.output, schema.CLASSES_FILE), {"classes": classes, "templates": list(cfg.templates)}, endpoint)
     storage.write_json(storage.join(cfg.output, schema.RUN_CONFIG_FILE), run_config, endpoint)

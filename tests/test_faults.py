@@ -249,8 +249,8 @@ def test_s3_outage_mid_run_is_retried_and_the_run_completes(ray_cluster, own_mot
     errors = _s3_ids(client, "faults-outage", f"out/{schema.ERRORS_DIR}/")
     assert sorted(labels) == names and errors == ["bad.jpg"]  # exactly once, no read error from the outage
     assert (summary.labeled, summary.errors) == (32, 1)
-    print(f"S3 outage of {outage['seconds']:.1f} s with {outage['labels_before']}/32 labels written; {proxy.refused} connections reset "
-          "during it; run complete")
+    print(f"S3 outage of {outage['seconds']:.1f} s with {outage['labels_before']}/32 labels written; "
+          f"{proxy.refused} connections reset during it; run complete")
 
 
 class DenyAll(http.server.BaseHTTPRequestHandler):
